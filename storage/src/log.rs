@@ -1,0 +1,758 @@
+//! A partition log: an ordered set of segments in one folder, with the offsets vocabulary of
+//! Kafka's log layer: `log_start_offset <= high_watermark <= log_end_offset`, and a
+//! `recovery_point` below which every record is known to be on disk.
+//!
+//! Folder layout: `{base_offset:020}.log`, `.index`, `.timeindex` per segment, plus
+//! `recovery-point.checkpoint` and, between a clean close and the next open, `clean-shutdown`.
+//!
+//! Thread-safety: `Log` is `Send + Sync`; share it in an `Arc`. One writer at a time (appends,
+//! rolls, retention, truncation are serialised by the `writer` mutex, which is never held by
+//! readers); any number of readers, which take the segment-list lock only long enough to clone an
+//! `Arc` and then read without locks. A reader holding a segment keeps it readable even after
+//! retention deletes it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use octolog_batch::{BatchHeader, Offset};
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::{FlushPolicy, LogConfig};
+use crate::error::{io_err, Result, StorageError};
+use crate::index::remove_if_exists;
+use crate::segment::{self, OpenMode, Opened, Segment};
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// Offset given to the first record appended.
+    pub first_offset: Offset,
+    /// Offset given to the last record appended.
+    pub last_offset: Offset,
+    /// The log end offset after the append: the next offset to be assigned.
+    pub log_end_offset: Offset,
+}
+
+/// Batches read from the log, with the bounds that were in force.
+#[derive(Debug, Clone)]
+pub struct ReadBatches {
+    /// Whole v2 batches, back to back: a zero-copy slice of one segment's map. The first batch
+    /// contains the offset asked for and may start before it. Empty at the high watermark.
+    pub batches: Bytes,
+    /// Readers see records below this.
+    pub high_watermark: Offset,
+    /// The oldest offset still held.
+    pub log_start_offset: Offset,
+}
+
+/// What retention deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetentionOutcome {
+    /// Sealed segments deleted.
+    pub segments_deleted: usize,
+    /// Bytes of `.log` deleted.
+    pub bytes_deleted: u64,
+    /// The log start offset afterwards.
+    pub log_start_offset: Offset,
+}
+
+/// What opening the log found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Whether the clean-shutdown marker was present.
+    pub clean_shutdown: bool,
+    /// Segments whose content was verified batch by batch (unclean shutdown or failed checks).
+    pub segments_recovered: usize,
+    /// Bytes cut off the log: a torn or corrupt tail, and whole segments past it.
+    pub bytes_cut: u64,
+    /// Segment files deleted because they came after damage or did not continue the offsets.
+    pub segments_deleted: usize,
+    /// Stray or leftover files removed (index files without a log, temp files).
+    pub stray_files_removed: usize,
+}
+
+/// Group-commit and checkpoint state, guarded by the flush mutex.
+#[derive(Debug)]
+struct FlushState {
+    /// When the last flush finished, for `interval-ms`.
+    last_flush: Instant,
+}
+
+/// A partition log. See the module documentation.
+#[derive(Debug)]
+pub struct Log {
+    /// The folder holding the segments.
+    dir: PathBuf,
+    /// Settings, validated on open.
+    config: LogConfig,
+    /// The segments in base-offset order; the last is the active one. Replaced whole on roll,
+    /// retention and truncation so readers can keep an old list.
+    segments: RwLock<Arc<Vec<Arc<Segment>>>>,
+    /// Serialises appends and structural changes. Held without I/O on the read path.
+    writer: Mutex<()>,
+    /// Readers see records below this. Equals `log_end_offset` except with `FlushPolicy::Always`,
+    /// where it follows the flushed position.
+    high_watermark: AtomicU64,
+    /// The next offset to be assigned; published after the records are in the segment.
+    log_end_offset: AtomicU64,
+    /// Every record below this is known to be on disk.
+    recovery_point: AtomicU64,
+    /// Serialises flushes (group commit) and checkpoint writes. Taken after `writer`, never
+    /// before it.
+    flush_state: Mutex<FlushState>,
+    /// Set by `close`; appends fail afterwards.
+    closed: AtomicBool,
+    /// What `open` found.
+    report: OpenReport,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means another thread panicked on a broken invariant; the data it guards
+    // is still consistent (every mutation completes before it is published).
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Log {
+    /// Opens the log in `dir`, creating the folder and an empty log if needed, and recovers it
+    /// if it was not closed cleanly (see `OpenReport`).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidConfig` for bad settings; `Io` if the folder or a file cannot be read or
+    /// written. Damaged data is not an error: it is cut off and reported.
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let mut report = OpenReport {
+            clean_shutdown: checkpoint::take_clean_shutdown_marker(&dir)?,
+            ..OpenReport::default()
+        };
+        let checkpoint = checkpoint::read_checkpoint(&dir)?;
+        let bases = list_segments(&dir, &mut report)?;
+        let recovery_point = match (report.clean_shutdown, checkpoint) {
+            (true, _) => u64::MAX,
+            (false, Some(c)) => c.recovery_point,
+            (false, None) => 0,
+        };
+
+        let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len());
+        let mut recovering = false;
+        for (i, &base) in bases.iter().enumerate() {
+            if let Some(previous) = segments.last() {
+                if previous.next_offset() != base {
+                    let reason = format!(
+                        "segment starts at offset {base} but the one before ends at {}",
+                        previous.next_offset()
+                    );
+                    delete_segment_files(&dir, &bases[i..], &reason, &mut report)?;
+                    break;
+                }
+            }
+            let below_recovery_point = bases.get(i + 1).is_some_and(|&next| next <= recovery_point)
+                || recovery_point == u64::MAX;
+            let mode = if recovering || !below_recovery_point {
+                OpenMode::Recover
+            } else {
+                OpenMode::Trusted
+            };
+            let mut opened = Segment::open(&dir, base, &config, false, mode)?;
+            if let Opened::NeedsRecovery { reason } = opened {
+                tracing::warn!(dir = %dir.display(), base, %reason, "segment failed its checks; verifying it batch by batch");
+                recovering = true;
+                opened = Segment::open(&dir, base, &config, false, OpenMode::Recover)?;
+            }
+            let Opened::Ok { segment, cut } = opened else {
+                unreachable!("Recover mode always opens the segment");
+            };
+            if mode == OpenMode::Recover || recovering {
+                report.segments_recovered += 1;
+            }
+            let segment = Arc::new(segment);
+            segments.push(Arc::clone(&segment));
+            if let Some((bytes, reason)) = cut {
+                tracing::warn!(
+                    path = %segment.log_path().display(),
+                    bytes_cut = bytes,
+                    position = segment.size(),
+                    first_offset_cut = segment.next_offset(),
+                    %reason,
+                    "cut a torn or corrupt tail off the log"
+                );
+                report.bytes_cut += bytes;
+                let reason = format!("offsets from {} on were cut", segment.next_offset());
+                delete_segment_files(&dir, &bases[i + 1..], &reason, &mut report)?;
+                break;
+            }
+        }
+
+        // The last segment is the active one: reopen it with room to grow.
+        let last = match segments.pop() {
+            Some(last) => {
+                let base = last.base_offset();
+                drop(last);
+                match Segment::open(&dir, base, &config, true, OpenMode::Trusted)? {
+                    Opened::Ok { segment, .. } => segment,
+                    Opened::NeedsRecovery { reason } => {
+                        unreachable!("segment {base} was just validated but failed: {reason}")
+                    }
+                }
+            }
+            None => {
+                let segment = Segment::create(&dir, 0, &config)?;
+                checkpoint::sync_dir(&dir)?;
+                segment
+            }
+        };
+        segments.push(Arc::new(last));
+
+        let log_start_offset = segments[0].base_offset();
+        let log_end_offset = segments.last().expect("one segment").next_offset();
+        let log = Log {
+            dir,
+            config,
+            segments: RwLock::new(Arc::new(segments)),
+            writer: Mutex::new(()),
+            high_watermark: AtomicU64::new(log_end_offset),
+            log_end_offset: AtomicU64::new(log_end_offset),
+            recovery_point: AtomicU64::new(if report.clean_shutdown && !recovering {
+                log_end_offset
+            } else {
+                0
+            }),
+            flush_state: Mutex::new(FlushState {
+                last_flush: Instant::now(),
+            }),
+            closed: AtomicBool::new(false),
+            report,
+        };
+        if !(log.report.clean_shutdown && !recovering) {
+            // Whatever recovery kept is made durable now, so the next recovery starts here.
+            log.flush()?;
+        }
+        assert!(log.log_start_offset() <= log.high_watermark());
+        assert!(log.high_watermark() <= log.log_end_offset());
+        tracing::debug!(dir = %log.dir.display(), log_start_offset, log_end_offset, report = ?log.report, "opened log");
+        Ok(log)
+    }
+
+    /// The folder holding the log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The settings the log runs with.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// What `open` found and did.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    /// The oldest offset still held.
+    pub fn log_start_offset(&self) -> Offset {
+        Offset(self.segments()[0].base_offset())
+    }
+
+    /// The next offset to be assigned.
+    pub fn log_end_offset(&self) -> Offset {
+        Offset(self.log_end_offset.load(Ordering::Acquire))
+    }
+
+    /// Readers see records below this offset.
+    pub fn high_watermark(&self) -> Offset {
+        Offset(self.high_watermark.load(Ordering::Acquire))
+    }
+
+    /// Every record below this offset is known to be on disk.
+    pub fn recovery_point(&self) -> Offset {
+        Offset(self.recovery_point.load(Ordering::Acquire))
+    }
+
+    /// How many segments the log has.
+    pub fn segment_count(&self) -> usize {
+        self.segments().len()
+    }
+
+    /// Bytes of `.log` in all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments().iter().map(|s| u64::from(s.size())).sum()
+    }
+
+    fn segments(&self) -> Arc<Vec<Arc<Segment>>> {
+        Arc::clone(&self.segments.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn replace_segments(&self, segments: Vec<Arc<Segment>>) {
+        assert!(!segments.is_empty());
+        *self.segments.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(segments);
+    }
+
+    /// Appends whole v2 record batches, back to back in `batches`, and gives them the next
+    /// offsets: each batch's base offset (outside its CRC) is rewritten in place. Every batch is
+    /// validated (structure, magic, CRC-32C, size) before anything is written.
+    ///
+    /// With `FlushPolicy::Always` it returns once the batches are on disk; concurrent appends
+    /// share one `fdatasync`.
+    ///
+    /// # Errors
+    ///
+    /// `EmptyAppend`, `InvalidBatch` or `BatchTooLarge` for bad input, with the log untouched;
+    /// `Closed` after `close`; `Io` if the disk fails (batches appended before the failure stay).
+    pub fn append(&self, batches: &mut [u8]) -> Result<AppendInfo> {
+        self.validate(batches)?;
+        let info = {
+            let _writer = lock(&self.writer);
+            if self.closed.load(Ordering::Acquire) {
+                return Err(StorageError::Closed {
+                    path: self.dir.clone(),
+                });
+            }
+            self.append_locked(batches)?
+        };
+        if self.config.flush == FlushPolicy::Always {
+            self.flush_to(info.log_end_offset.0)?;
+        }
+        Ok(info)
+    }
+
+    fn validate(&self, batches: &[u8]) -> Result<()> {
+        if batches.is_empty() {
+            return Err(StorageError::EmptyAppend);
+        }
+        let mut position = 0;
+        while position < batches.len() {
+            let header = BatchHeader::parse_verified(&batches[position..])
+                .map_err(|source| StorageError::InvalidBatch { position, source })?;
+            if header.size() > self.config.batch_bytes_max as usize {
+                return Err(StorageError::BatchTooLarge {
+                    size: header.size(),
+                    max: self.config.batch_bytes_max as usize,
+                });
+            }
+            position += header.size();
+        }
+        Ok(())
+    }
+
+    /// Appends validated batches. Called with the writer lock held.
+    fn append_locked(&self, batches: &mut [u8]) -> Result<AppendInfo> {
+        let first_offset = self.log_end_offset.load(Ordering::Acquire);
+        let mut next_offset = first_offset;
+        let mut active = Arc::clone(self.segments().last().expect("one segment"));
+        if active.is_due_by_age(self.config.segment_ms) {
+            active = self.roll_locked()?;
+        }
+        let (mut chunk_start, mut chunk_batches, mut position) = (0usize, 0usize, 0usize);
+        while position < batches.len() {
+            let header = BatchHeader::parse(&batches[position..]).expect("validated");
+            let last_offset = next_offset + header.last_offset_delta as u64;
+            let chunk_bytes = position + header.size() - chunk_start;
+            if !active.has_room(chunk_bytes, chunk_batches + 1, last_offset) {
+                if chunk_batches > 0 {
+                    active.append(&batches[chunk_start..position])?;
+                    self.publish_log_end_offset(next_offset);
+                }
+                (chunk_start, chunk_batches) = (position, 0);
+                active = self.roll_locked()?;
+                assert!(active.has_room(header.size(), 1, last_offset));
+            }
+            octolog_batch::set_base_offset(&mut batches[position..], next_offset as i64);
+            next_offset = last_offset + 1;
+            position += header.size();
+            chunk_batches += 1;
+        }
+        active.append(&batches[chunk_start..])?;
+        self.publish_log_end_offset(next_offset);
+        Ok(AppendInfo {
+            first_offset: Offset(first_offset),
+            last_offset: Offset(next_offset - 1),
+            log_end_offset: Offset(next_offset),
+        })
+    }
+
+    fn publish_log_end_offset(&self, log_end_offset: u64) {
+        self.log_end_offset.store(log_end_offset, Ordering::Release);
+        if self.config.flush != FlushPolicy::Always {
+            self.high_watermark.store(log_end_offset, Ordering::Release);
+        }
+    }
+
+    /// Seals the active segment and starts a new one at the log end offset, unless the active
+    /// segment is empty. Called with the writer lock held.
+    fn roll_locked(&self) -> Result<Arc<Segment>> {
+        let segments = self.segments();
+        let active = segments.last().expect("one segment");
+        if active.size() == 0 {
+            return Ok(Arc::clone(active));
+        }
+        active.seal()?;
+        let base_offset = active.next_offset();
+        assert!(base_offset == self.log_end_offset.load(Ordering::Acquire));
+        let segment = Arc::new(Segment::create(&self.dir, base_offset, &self.config)?);
+        let mut list = Vec::with_capacity(segments.len() + 1);
+        list.extend(segments.iter().cloned());
+        list.push(Arc::clone(&segment));
+        self.replace_segments(list);
+        tracing::debug!(dir = %self.dir.display(), base_offset, "rolled to a new segment");
+        if self.config.flush != FlushPolicy::Never {
+            checkpoint::sync_dir(&self.dir)?;
+            self.flush()?;
+        }
+        Ok(segment)
+    }
+
+    /// Seals the active segment and starts a new one, unless the active segment is empty.
+    ///
+    /// # Errors
+    ///
+    /// `Closed` after `close`; `Io` if a file cannot be written.
+    pub fn roll(&self) -> Result<()> {
+        let _writer = lock(&self.writer);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed {
+                path: self.dir.clone(),
+            });
+        }
+        self.roll_locked().map(drop)
+    }
+
+    /// Makes every record below `target` durable, sharing the work with concurrent callers:
+    /// whoever holds the flush lock flushes everything appended so far, so the callers queued
+    /// behind it usually find their records already flushed (group commit).
+    fn flush_to(&self, target: u64) -> Result<()> {
+        let mut state = lock(&self.flush_state);
+        if target <= self.recovery_point.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.flush_locked(&mut state)
+    }
+
+    /// Flushes everything appended so far. Called with the flush lock held.
+    fn flush_locked(&self, state: &mut FlushState) -> Result<()> {
+        let end = self.log_end_offset.load(Ordering::Acquire);
+        let recovery_point = self.recovery_point.load(Ordering::Acquire);
+        if recovery_point < end {
+            let segments = self.segments();
+            let active_base = segments.last().expect("one segment").base_offset();
+            for segment in segments.iter().filter(|s| s.next_offset() > recovery_point) {
+                segment.flush(segment.base_offset() != active_base)?;
+            }
+            self.recovery_point.store(end, Ordering::Release);
+            if self.config.flush == FlushPolicy::Always {
+                self.high_watermark.fetch_max(end, Ordering::AcqRel);
+            }
+        }
+        state.last_flush = Instant::now();
+        Ok(())
+    }
+
+    /// Flushes every record appended so far to disk and writes the recovery-point checkpoint.
+    ///
+    /// # Errors
+    ///
+    /// `Io` if a file cannot be synced or the checkpoint written.
+    pub fn flush(&self) -> Result<()> {
+        let mut state = lock(&self.flush_state);
+        self.flush_locked(&mut state)?;
+        self.write_checkpoint()
+    }
+
+    fn write_checkpoint(&self) -> Result<()> {
+        checkpoint::write_checkpoint(
+            &self.dir,
+            Checkpoint {
+                recovery_point: self.recovery_point.load(Ordering::Acquire),
+                log_start_offset: self.log_start_offset().0,
+            },
+        )
+    }
+
+    /// With `FlushPolicy::IntervalMs(n)`, flushes if unflushed records exist and the last flush
+    /// was at least `n` ms ago. Returns whether it flushed. The owner of the log calls this
+    /// from a timer.
+    ///
+    /// # Errors
+    ///
+    /// As `flush`.
+    pub fn flush_if_due(&self) -> Result<bool> {
+        let FlushPolicy::IntervalMs(interval_ms) = self.config.flush else {
+            return Ok(false);
+        };
+        let due = {
+            let state = lock(&self.flush_state);
+            state.last_flush.elapsed().as_millis() >= u128::from(interval_ms)
+                && self.recovery_point() < self.log_end_offset()
+        };
+        if due {
+            self.flush()?;
+        }
+        Ok(due)
+    }
+
+    /// Whole batches starting with the one that contains `from`, as a zero-copy slice of the
+    /// mapped segment: as many as fit in `bytes_max` but at least one, so a consumer never
+    /// stalls on a large batch. Batches come from one segment; the next read continues. Empty
+    /// when `from` is at the high watermark.
+    ///
+    /// Only the batches' structure is checked on this path (length, magic, contiguous offsets);
+    /// their CRC-32C was checked on append and on recovery, and consumers check it again.
+    ///
+    /// # Errors
+    ///
+    /// `OffsetOutOfRange` when `from` is below the log start offset or above the log end offset;
+    /// `Corrupt` if the segment's bytes are not a chain of batches.
+    pub fn read(&self, from: Offset, bytes_max: usize) -> Result<ReadBatches> {
+        let high_watermark = self.high_watermark.load(Ordering::Acquire);
+        let log_end_offset = self.log_end_offset.load(Ordering::Acquire);
+        let segments = self.segments();
+        let log_start_offset = segments[0].base_offset();
+        if from.0 < log_start_offset || log_end_offset.max(high_watermark) < from.0 {
+            return Err(StorageError::OffsetOutOfRange {
+                offset: from,
+                log_start_offset: Offset(log_start_offset),
+                log_end_offset: Offset(log_end_offset),
+            });
+        }
+        let batches = if from.0 < high_watermark {
+            let index = segments.partition_point(|s| s.base_offset() <= from.0) - 1;
+            segments[index].read(from.0, bytes_max, high_watermark)?
+        } else {
+            Bytes::new()
+        };
+        Ok(ReadBatches {
+            batches,
+            high_watermark: Offset(high_watermark),
+            log_start_offset: Offset(log_start_offset),
+        })
+    }
+
+    /// The offset of the first record, in offset order, whose timestamp is >= `timestamp_ms`,
+    /// among the records below the high watermark; `None` if there is none.
+    ///
+    /// # Errors
+    ///
+    /// `Corrupt` if a segment's bytes are not a chain of batches.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<Offset>> {
+        let high_watermark = self.high_watermark.load(Ordering::Acquire);
+        for segment in self.segments().iter() {
+            if segment.base_offset() >= high_watermark {
+                break;
+            }
+            if let Some(offset) = segment.offset_for_timestamp(timestamp_ms, high_watermark)? {
+                return Ok(Some(Offset(offset)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes the oldest sealed segments while their newest record is older than
+    /// `retention_ms` before `now_ms`, or while the log without them is still at least
+    /// `retention_bytes` long; never the active segment. Advances the log start offset.
+    ///
+    /// # Errors
+    ///
+    /// `Io` if a file cannot be deleted; the segments are already gone from the log then.
+    pub fn apply_retention(&self, now_ms: i64) -> Result<RetentionOutcome> {
+        let _writer = lock(&self.writer);
+        let segments = self.segments();
+        let mut size: u64 = segments.iter().map(|s| u64::from(s.size())).sum();
+        let mut outcome = RetentionOutcome::default();
+        for segment in &segments[..segments.len() - 1] {
+            let expired = self.config.retention_ms.is_some_and(|ms| {
+                segment
+                    .max_timestamp()
+                    .is_some_and(|t| t < now_ms.saturating_sub(ms as i64))
+            });
+            let oversized = self
+                .config
+                .retention_bytes
+                .is_some_and(|max| size - u64::from(segment.size()) >= max);
+            if !(expired || oversized) {
+                break;
+            }
+            size -= u64::from(segment.size());
+            outcome.segments_deleted += 1;
+            outcome.bytes_deleted += u64::from(segment.size());
+        }
+        let kept = segments[outcome.segments_deleted..].to_vec();
+        outcome.log_start_offset = Offset(kept[0].base_offset());
+        if outcome.segments_deleted == 0 {
+            return Ok(outcome);
+        }
+        assert!(outcome.log_start_offset.0 <= self.high_watermark.load(Ordering::Acquire));
+        self.replace_segments(kept);
+        for segment in &segments[..outcome.segments_deleted] {
+            segment.delete()?;
+        }
+        tracing::info!(dir = %self.dir.display(), segments = outcome.segments_deleted, bytes = outcome.bytes_deleted, log_start_offset = outcome.log_start_offset.0, "retention deleted segments");
+        let _flush = lock(&self.flush_state);
+        self.write_checkpoint()?;
+        Ok(outcome)
+    }
+
+    /// Removes every record at `offset` and above, and returns the new log end offset. The cut
+    /// falls at a batch boundary: if `offset` is inside a batch, the whole batch goes, so the
+    /// new log end offset may be below `offset`. No-op at or past the log end offset.
+    ///
+    /// The truncated segment is rewritten to a new file rather than shrunk in place, so readers
+    /// holding slices of it are unaffected.
+    ///
+    /// # Errors
+    ///
+    /// `OffsetOutOfRange` below the log start offset; `Closed` after `close`; `Io` on disk
+    /// failure.
+    pub fn truncate_to(&self, offset: Offset) -> Result<Offset> {
+        let _writer = lock(&self.writer);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed {
+                path: self.dir.clone(),
+            });
+        }
+        let log_end_offset = self.log_end_offset.load(Ordering::Acquire);
+        if offset.0 >= log_end_offset {
+            return Ok(Offset(log_end_offset));
+        }
+        let segments = self.segments();
+        let log_start_offset = segments[0].base_offset();
+        if offset.0 < log_start_offset {
+            return Err(StorageError::OffsetOutOfRange {
+                offset,
+                log_start_offset: Offset(log_start_offset),
+                log_end_offset: Offset(log_end_offset),
+            });
+        }
+        let mut flush_state = lock(&self.flush_state);
+        let index = segments.partition_point(|s| s.base_offset() <= offset.0) - 1;
+        let segment = &segments[index];
+        let (keep_bytes, new_end) = segment.cut_point(offset.0)?;
+        // Write the kept prefix to a new file and rename it over the old one.
+        let base = segment.base_offset();
+        let log_path = self.dir.join(segment::file_name(base, "log"));
+        let swap_path = self.dir.join(format!("{}.swap", segment::file_name(base, "log")));
+        fs::write(&swap_path, segment.prefix(keep_bytes)).map_err(io_err(&swap_path))?;
+        fs::File::open(&swap_path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&swap_path))?;
+        fs::rename(&swap_path, &log_path).map_err(io_err(&log_path))?;
+        for extension in ["index", "timeindex"] {
+            remove_if_exists(&self.dir.join(segment::file_name(base, extension)))?;
+        }
+        for later in &segments[index + 1..] {
+            later.delete()?;
+        }
+        checkpoint::sync_dir(&self.dir)?;
+        let Opened::Ok { segment: reopened, .. } =
+            Segment::open(&self.dir, base, &self.config, true, OpenMode::Trusted)?
+        else {
+            unreachable!("a prefix of valid batches failed its checks");
+        };
+        assert!(reopened.next_offset() == new_end);
+        let mut list: Vec<Arc<Segment>> = segments[..index].to_vec();
+        list.push(Arc::new(reopened));
+        self.replace_segments(list);
+        self.log_end_offset.store(new_end, Ordering::Release);
+        self.high_watermark.fetch_min(new_end, Ordering::AcqRel);
+        self.recovery_point.fetch_min(new_end, Ordering::AcqRel);
+        self.flush_locked(&mut flush_state)?;
+        self.write_checkpoint()?;
+        tracing::info!(dir = %self.dir.display(), offset = offset.0, log_end_offset = new_end, "truncated log");
+        Ok(Offset(new_end))
+    }
+
+    /// Flushes everything, seals the active segment's indexes, writes the checkpoint and the
+    /// clean-shutdown marker. Later appends fail with `Closed`; reads keep working. Idempotent.
+    ///
+    /// # Errors
+    ///
+    /// `Io` on disk failure; the marker is then not written and the next open recovers.
+    pub fn close(&self) -> Result<()> {
+        let _writer = lock(&self.writer);
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let segments = self.segments();
+        let active = segments.last().expect("one segment");
+        active.seal()?;
+        let mut state = lock(&self.flush_state);
+        self.flush_locked(&mut state)?;
+        active.flush(true)?;
+        self.write_checkpoint()?;
+        checkpoint::write_clean_shutdown_marker(&self.dir)?;
+        tracing::debug!(dir = %self.dir.display(), "closed log cleanly");
+        Ok(())
+    }
+
+    /// Deletes the whole log: every segment and the folder. Readers holding slices keep them.
+    ///
+    /// # Errors
+    ///
+    /// `Io` if the folder cannot be removed.
+    pub fn delete(self) -> Result<()> {
+        let _writer = lock(&self.writer);
+        self.closed.store(true, Ordering::Release);
+        fs::remove_dir_all(&self.dir).map_err(io_err(&self.dir))
+    }
+}
+
+/// Lists the base offsets of the segments in `dir`, in order, and removes stray index files
+/// (no `.log` beside them) and temp files left by an interrupted write.
+fn list_segments(dir: &Path, report: &mut OpenReport) -> Result<Vec<u64>> {
+    let mut logs = Vec::new();
+    let mut indexes = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if let Some(base) = segment::parse_file_name(&name, "log") {
+            logs.push(base);
+        } else if segment::parse_file_name(&name, "index").is_some()
+            || segment::parse_file_name(&name, "timeindex").is_some()
+        {
+            indexes.push(name);
+        } else if name.ends_with(".tmp") || name.ends_with(".swap") {
+            tracing::warn!(dir = %dir.display(), file = name, "removing leftover temp file");
+            remove_if_exists(&dir.join(&name))?;
+            report.stray_files_removed += 1;
+        }
+    }
+    logs.sort_unstable();
+    for name in indexes {
+        let base = segment::parse_file_name(&name, "index")
+            .or_else(|| segment::parse_file_name(&name, "timeindex"))
+            .expect("matched above");
+        if logs.binary_search(&base).is_err() {
+            tracing::warn!(dir = %dir.display(), file = name, "removing index file that has no log");
+            remove_if_exists(&dir.join(&name))?;
+            report.stray_files_removed += 1;
+        }
+    }
+    Ok(logs)
+}
+
+/// Deletes the files of the segments with these base offsets, logging why.
+fn delete_segment_files(
+    dir: &Path,
+    bases: &[u64],
+    reason: &str,
+    report: &mut OpenReport,
+) -> Result<()> {
+    for &base in bases {
+        let log_path = dir.join(segment::file_name(base, "log"));
+        let bytes = fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
+        tracing::warn!(path = %log_path.display(), bytes, reason, "deleting segment past the damage");
+        report.bytes_cut += bytes;
+        report.segments_deleted += 1;
+        for extension in ["log", "index", "timeindex"] {
+            remove_if_exists(&dir.join(segment::file_name(base, extension)))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,714 @@
+//! One segment of a partition log: a `.log` file of whole v2 record batches, back to back, with
+//! its sparse `.index` and its `.timeindex` (format in `index.rs` and `storage/FORMAT.md`).
+//!
+//! The `.log` file holds exactly `size` bytes of valid batches; it is never pre-allocated, so its
+//! length on disk is where its data ends. It is written with positional writes (`pwrite`) at
+//! `size`, and read through a read-only shared memory map of `capacity` bytes made once when the
+//! segment is created or opened. A reader only ever forms slices below the `size` it loaded, and
+//! bytes below `size` never change: the file is never shrunk below `size` while the segment is in
+//! use (`Log::truncate_to` writes a new file instead). So a slice handed out stays valid and
+//! unchanged for as long as its holder keeps it, even after the segment is deleted by retention:
+//! the map is reference-counted and an unlinked file stays mapped.
+//!
+//! Thread-safety: `Segment` is `Sync`. Appends, sealing and rebuilding come from the log's single
+//! writer; reads come from any thread at any time and take no lock.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use memmap2::{MmapOptions, MmapRaw};
+use octolog_batch::{BatchHeader, Compression};
+
+use crate::config::LogConfig;
+use crate::error::{io_err, Result, StorageError};
+use crate::index::{remove_if_exists, OffsetIndex, TimeIndex};
+
+/// Marks "no record yet" in `max_timestamp`.
+const NO_TIMESTAMP: i64 = i64::MIN;
+
+/// The file name of a segment file: the base offset in 20 digits, so `ls` sorts them.
+pub(crate) fn file_name(base_offset: u64, extension: &str) -> String {
+    format!("{base_offset:020}.{extension}")
+}
+
+/// Parses a segment file name back into its base offset, if it is one with that extension.
+pub(crate) fn parse_file_name(name: &str, extension: &str) -> Option<u64> {
+    let stem = name.strip_suffix(extension)?.strip_suffix('.')?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+/// Bookkeeping that only the writer touches.
+#[derive(Debug)]
+struct AppendState {
+    /// Log bytes appended since the last offset index entry; an entry is due past
+    /// `index_interval_bytes`.
+    bytes_since_index_entry: u32,
+}
+
+/// How a segment's content is checked when it is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenMode {
+    /// Known to have been flushed (below the recovery point, or closed cleanly): sanity-check
+    /// the indexes and the tail, rebuild indexes that fail.
+    Trusted,
+    /// Possibly torn: scan every batch with its checksum from the start and cut the log at the
+    /// first invalid byte.
+    Recover,
+}
+
+/// What opening a segment found.
+#[derive(Debug)]
+pub(crate) enum Opened {
+    /// The segment is whole (possibly after cutting a torn tail in `Recover` mode).
+    Ok {
+        segment: Segment,
+        /// Bytes cut off the end of the `.log` by recovery, and the reason.
+        cut: Option<(u64, String)>,
+    },
+    /// A trusted segment failed its tail check; open it again in `Recover` mode.
+    NeedsRecovery { reason: String },
+}
+
+/// One segment. See the module documentation.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    /// Offset of the segment's first record; names its files.
+    base_offset: u64,
+    /// Path of the `.log` file, for errors and deletion.
+    log_path: PathBuf,
+    /// The `.log` file, written with positional writes.
+    log_file: File,
+    /// Read-only map over the first `capacity` bytes of the `.log` file, shared with every slice
+    /// handed to readers.
+    log_map: Arc<MmapRaw>,
+    /// Bytes mapped: room for appends without remapping.
+    capacity: usize,
+    /// Bytes of whole batches in the `.log`; published with release ordering after the bytes
+    /// and the index entries are in place.
+    size: AtomicU32,
+    /// Offset after the segment's last record (`base_offset` when empty).
+    next_offset: AtomicU64,
+    /// Greatest record timestamp in the segment (by batch `max_timestamp`), or `NO_TIMESTAMP`.
+    max_timestamp: AtomicI64,
+    /// Sparse offset -> position index.
+    offset_index: OffsetIndex,
+    /// Running maximum timestamp -> offset index.
+    time_index: TimeIndex,
+    /// When this segment started being active, for `segment_ms`.
+    created: Instant,
+    /// Writer-only bookkeeping.
+    append_state: Mutex<AppendState>,
+    /// `index_interval_bytes` of the log config.
+    index_interval_bytes: u32,
+    /// `segment_bytes` of the log config.
+    segment_bytes: u32,
+}
+
+/// The owner of a zero-copy slice of a segment's map: keeps the map alive while any `Bytes`
+/// made from it lives.
+struct MapSlice {
+    map: Arc<MmapRaw>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `[start, end)` was below the segment's published `size` when the slice was
+        // made, so it lies inside the mapping and inside the file. Bytes below `size` are never
+        // written again and the file is never shrunk below `size` while mapped (see the module
+        // documentation), so the memory stays valid and unchanged while `map` is alive.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.start), self.end - self.start) }
+    }
+}
+
+impl Segment {
+    fn index_paths(dir: &Path, base_offset: u64) -> (PathBuf, PathBuf, PathBuf) {
+        (
+            dir.join(file_name(base_offset, "log")),
+            dir.join(file_name(base_offset, "index")),
+            dir.join(file_name(base_offset, "timeindex")),
+        )
+    }
+
+    /// Creates an empty active segment, replacing any files of that base offset.
+    pub(crate) fn create(dir: &Path, base_offset: u64, config: &LogConfig) -> Result<Segment> {
+        let (log_path, index_path, time_index_path) = Self::index_paths(dir, base_offset);
+        remove_if_exists(&log_path)?;
+        let log_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
+        let offset_index = OffsetIndex::create(&index_path, base_offset, config.index_bytes_max)?;
+        let time_index = TimeIndex::create(&time_index_path, base_offset, config.index_bytes_max)?;
+        Self::assemble(
+            log_path,
+            log_file,
+            base_offset,
+            0,
+            base_offset,
+            NO_TIMESTAMP,
+            true,
+            offset_index,
+            time_index,
+            config,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        log_path: PathBuf,
+        log_file: File,
+        base_offset: u64,
+        size: u32,
+        next_offset: u64,
+        max_timestamp: i64,
+        active: bool,
+        offset_index: OffsetIndex,
+        time_index: TimeIndex,
+        config: &LogConfig,
+    ) -> Result<Segment> {
+        let file_len = log_file.metadata().map_err(io_err(&log_path))?.len() as usize;
+        let capacity = if active {
+            (config.segment_bytes.max(config.batch_bytes_max) as usize).max(file_len)
+        } else {
+            file_len.max(1)
+        };
+        // The map may reach past the end of the file: pages wholly past the end are never
+        // touched, because reads stop at `size` and the file always holds `size` bytes.
+        let log_map = MmapOptions::new()
+            .len(capacity)
+            .map_raw_read_only(&log_file)
+            .map_err(io_err(&log_path))?;
+        let bytes_since_index_entry = match offset_index.len().checked_sub(1) {
+            Some(last) => size - offset_index.entry(last).1,
+            None => size,
+        };
+        Ok(Segment {
+            base_offset,
+            log_path,
+            log_file,
+            log_map: Arc::new(log_map),
+            capacity,
+            size: AtomicU32::new(size),
+            next_offset: AtomicU64::new(next_offset),
+            max_timestamp: AtomicI64::new(max_timestamp),
+            offset_index,
+            time_index,
+            created: Instant::now(),
+            append_state: Mutex::new(AppendState {
+                bytes_since_index_entry,
+            }),
+            index_interval_bytes: config.index_interval_bytes,
+            segment_bytes: config.segment_bytes,
+        })
+    }
+
+    /// Opens the segment with files `dir/{base_offset:020}.*`.
+    ///
+    /// `active` segments get pre-allocated indexes and a map with room to grow; others are
+    /// sealed. In `Recover` mode every batch is verified from the start and the `.log` is cut at
+    /// the first invalid byte; in `Trusted` mode only the indexes and the tail are checked.
+    pub(crate) fn open(
+        dir: &Path,
+        base_offset: u64,
+        config: &LogConfig,
+        active: bool,
+        mode: OpenMode,
+    ) -> Result<Opened> {
+        let (log_path, index_path, time_index_path) = Self::index_paths(dir, base_offset);
+        let log_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
+        let file_len = log_file.metadata().map_err(io_err(&log_path))?.len();
+        let readable = file_len.min(u64::from(crate::config::SEGMENT_BYTES_LIMIT)) as usize;
+        // A temporary map of the whole file for scanning.
+        let scan_map = if readable > 0 {
+            // SAFETY: the file is ours and nobody else writes it while the log is being opened;
+            // the map is dropped before this function returns.
+            Some(unsafe { MmapOptions::new().len(readable).map(&log_file) }.map_err(io_err(&log_path))?)
+        } else {
+            None
+        };
+        let bytes: &[u8] = scan_map.as_deref().unwrap_or(&[]);
+
+        if mode == OpenMode::Trusted {
+            if let Some(offset_index) = OffsetIndex::open(
+                &index_path,
+                base_offset,
+                config.index_bytes_max,
+                active,
+                readable as u32,
+                active,
+            )? {
+                let (start_offset, start_position) = offset_index
+                    .len()
+                    .checked_sub(1)
+                    .map(|i| offset_index.entry(i))
+                    .unwrap_or((base_offset, 0));
+                let tail = scan(bytes, start_position as usize, start_offset, false);
+                if let Some(reason) = tail.error {
+                    return Ok(Opened::NeedsRecovery { reason });
+                }
+                if tail.end != file_len as usize {
+                    return Ok(Opened::NeedsRecovery {
+                        reason: format!("file is {file_len} bytes but its batches end at {}", tail.end),
+                    });
+                }
+                if let Some(time_index) = TimeIndex::open(
+                    &time_index_path,
+                    base_offset,
+                    config.index_bytes_max,
+                    active,
+                    tail.next_offset,
+                    active,
+                )? {
+                    let indexed_max = time_index.last_entry().map_or(NO_TIMESTAMP, |e| e.0);
+                    let max_timestamp = indexed_max.max(tail.max_timestamp);
+                    drop(scan_map);
+                    let segment = Self::assemble(
+                        log_path,
+                        log_file,
+                        base_offset,
+                        tail.end as u32,
+                        tail.next_offset,
+                        max_timestamp,
+                        active,
+                        offset_index,
+                        time_index,
+                        config,
+                    )?;
+                    return Ok(Opened::Ok { segment, cut: None });
+                }
+            }
+            // An index is missing or damaged: rebuild both from the log, checking structure.
+            let whole = scan(bytes, 0, base_offset, false);
+            if let Some(reason) = whole.error {
+                return Ok(Opened::NeedsRecovery { reason });
+            }
+            tracing::info!(path = %log_path.display(), "rebuilding missing or damaged index files");
+        }
+
+        // Rebuild (and in Recover mode, verify and cut) in one pass over the batches.
+        let verify = mode == OpenMode::Recover;
+        let scanned = scan(bytes, 0, base_offset, verify);
+        drop(scan_map);
+        let mut cut = None;
+        if (scanned.end as u64) < file_len {
+            let reason = scanned
+                .error
+                .clone()
+                .unwrap_or_else(|| "bytes past the last whole batch".to_string());
+            log_file.set_len(scanned.end as u64).map_err(io_err(&log_path))?;
+            cut = Some((file_len - scanned.end as u64, reason));
+        }
+        let offset_index = OffsetIndex::create(&index_path, base_offset, config.index_bytes_max)?;
+        let time_index = TimeIndex::create(&time_index_path, base_offset, config.index_bytes_max)?;
+        let segment = Self::assemble(
+            log_path,
+            log_file,
+            base_offset,
+            0,
+            base_offset,
+            NO_TIMESTAMP,
+            active,
+            offset_index,
+            time_index,
+            config,
+        )?;
+        segment.reindex(scanned.end);
+        if !active {
+            segment.seal()?;
+        }
+        Ok(Opened::Ok { segment, cut })
+    }
+
+    /// Rebuilds the indexes (which must be empty) from the first `end` bytes of the `.log`,
+    /// which were already validated, and publishes them as the segment's content.
+    fn reindex(&self, end: usize) {
+        assert!(end <= self.capacity);
+        assert!(self.offset_index.len() == 0);
+        // SAFETY: the file holds at least `end` bytes (it was just scanned and cut to that
+        // length), they lie inside the map (`end <= capacity`), and nothing writes them while
+        // the segment is being opened.
+        let bytes = unsafe { std::slice::from_raw_parts(self.log_map.as_ptr(), end) };
+        let mut state = self.lock_append_state();
+        let mut position = 0usize;
+        let mut next_offset = self.base_offset;
+        while position < end {
+            let header = BatchHeader::parse(&bytes[position..]).expect("validated by scan");
+            self.index_batch(&mut state, position as u32, &header);
+            position += header.size();
+            next_offset = header.last_offset() as u64 + 1;
+        }
+        assert!(position == end);
+        self.next_offset.store(next_offset, Ordering::Release);
+        self.size.store(end as u32, Ordering::Release);
+    }
+
+    fn lock_append_state(&self) -> std::sync::MutexGuard<'_, AppendState> {
+        // Poisoning would mean a panic in the writer, which already crashed the broker's
+        // invariant checks; the state itself stays usable.
+        self.append_state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds index entries for the batch at `position` (its base offset already assigned), and
+    /// moves the running maximum timestamp. Entries for a batch describe what comes before it,
+    /// so they are added before the batch is counted.
+    fn index_batch(&self, state: &mut AppendState, position: u32, header: &BatchHeader) {
+        let first_offset = header.base_offset as u64;
+        if state.bytes_since_index_entry > self.index_interval_bytes && position > 0 {
+            self.offset_index.append(first_offset, position);
+            self.append_time_entry(first_offset - 1);
+            state.bytes_since_index_entry = 0;
+        }
+        state.bytes_since_index_entry += header.size() as u32;
+        self.max_timestamp.fetch_max(header.max_timestamp, Ordering::Relaxed);
+    }
+
+    /// Records in the time index that every record up to `last_offset` has a timestamp <= the
+    /// running maximum, if the maximum grew since the last entry.
+    fn append_time_entry(&self, last_offset: u64) {
+        let max_timestamp = self.max_timestamp.load(Ordering::Relaxed);
+        if max_timestamp == NO_TIMESTAMP {
+            return;
+        }
+        match self.time_index.last_entry() {
+            Some((timestamp, offset)) if timestamp >= max_timestamp || offset >= last_offset => {}
+            _ => self.time_index.append(max_timestamp, last_offset),
+        }
+    }
+
+    pub(crate) fn base_offset(&self) -> u64 {
+        self.base_offset
+    }
+
+    pub(crate) fn size(&self) -> u32 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+
+    /// Greatest record timestamp in the segment, `None` when it is empty.
+    pub(crate) fn max_timestamp(&self) -> Option<i64> {
+        let t = self.max_timestamp.load(Ordering::Relaxed);
+        (t != NO_TIMESTAMP).then_some(t)
+    }
+
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// Whether the active segment is old enough to roll by `segment_ms`.
+    pub(crate) fn is_due_by_age(&self, segment_ms: u64) -> bool {
+        self.size() > 0 && self.created.elapsed().as_millis() >= u128::from(segment_ms)
+    }
+
+    /// Whether `batches` more batches, `bytes` in all, the last ending at `last_offset`, fit in
+    /// this active segment. An empty segment takes a single batch of any allowed size.
+    pub(crate) fn has_room(&self, bytes: usize, batches: usize, last_offset: u64) -> bool {
+        let size = self.size() as usize;
+        let fits_bytes = size + bytes <= self.segment_bytes as usize || (size == 0 && batches == 1);
+        fits_bytes
+            && size + bytes <= self.capacity
+            && self.offset_index.len() + batches <= self.offset_index.capacity()
+            // One time index entry is kept for `seal`.
+            && self.time_index.len() + batches < self.time_index.capacity()
+            && last_offset - self.base_offset <= u64::from(u32::MAX)
+    }
+
+    /// Appends `chunk`, whole batches whose base offsets are already assigned and which
+    /// `has_room` said fit, at the end of the segment.
+    ///
+    /// # Errors
+    ///
+    /// `Io` if the write fails; the segment is then unchanged for readers (its `size` is not
+    /// moved), and the next append overwrites the partial bytes.
+    pub(crate) fn append(&self, chunk: &[u8]) -> Result<()> {
+        let position = self.size();
+        assert!(position as usize + chunk.len() <= self.capacity);
+        self.log_file
+            .write_all_at(chunk, u64::from(position))
+            .map_err(io_err(&self.log_path))?;
+        let mut state = self.lock_append_state();
+        let mut at = 0usize;
+        let mut next_offset = self.next_offset();
+        while at < chunk.len() {
+            let header = BatchHeader::parse(&chunk[at..]).expect("validated by the log");
+            assert!(header.base_offset as u64 == next_offset);
+            self.index_batch(&mut state, position + at as u32, &header);
+            at += header.size();
+            next_offset = header.last_offset() as u64 + 1;
+        }
+        assert!(at == chunk.len());
+        self.next_offset.store(next_offset, Ordering::Release);
+        self.size.store(position + chunk.len() as u32, Ordering::Release);
+        Ok(())
+    }
+
+    /// Finishes the segment: a last time index entry, indexes trimmed to their entries, and any
+    /// bytes past `size` (left by a failed write) cut off.
+    pub(crate) fn seal(&self) -> Result<()> {
+        let next_offset = self.next_offset();
+        if next_offset > self.base_offset {
+            self.append_time_entry(next_offset - 1);
+        }
+        self.offset_index.trim()?;
+        self.time_index.trim()?;
+        let size = u64::from(self.size());
+        let file_len = self.log_file.metadata().map_err(io_err(&self.log_path))?.len();
+        if file_len != size {
+            assert!(size < file_len);
+            self.log_file.set_len(size).map_err(io_err(&self.log_path))?;
+        }
+        Ok(())
+    }
+
+    /// Forces the `.log` to disk, and the indexes too when `with_indexes`.
+    pub(crate) fn flush(&self, with_indexes: bool) -> Result<()> {
+        self.log_file.sync_data().map_err(io_err(&self.log_path))?;
+        if with_indexes {
+            self.offset_index.sync()?;
+            self.time_index.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Unlinks the segment's files. Readers holding slices keep them.
+    pub(crate) fn delete(&self) -> Result<()> {
+        remove_if_exists(&self.log_path)?;
+        self.offset_index.delete()?;
+        self.time_index.delete()
+    }
+
+    /// Where truncating to `target` cuts this segment: (bytes kept, offset after them). The cut
+    /// is at the start of the batch containing `target`.
+    pub(crate) fn cut_point(&self, target: u64) -> Result<(usize, u64)> {
+        let bytes = self.published();
+        Ok(match self.position_of(bytes, target)? {
+            Some((position, header)) => (position, header.base_offset as u64),
+            None => (bytes.len(), self.next_offset()),
+        })
+    }
+
+    /// The first `end` published bytes of the `.log`.
+    pub(crate) fn prefix(&self, end: usize) -> &[u8] {
+        &self.published()[..end]
+    }
+
+    /// A zero-copy slice of `[start, end)` of the `.log`, both below the published size.
+    fn slice(&self, start: usize, end: usize) -> Bytes {
+        assert!(start <= end);
+        assert!(end <= self.size() as usize);
+        Bytes::from_owner(MapSlice {
+            map: Arc::clone(&self.log_map),
+            start,
+            end,
+        })
+    }
+
+    /// The published bytes of the `.log`, borrowed.
+    fn published(&self) -> &[u8] {
+        let size = self.size() as usize;
+        // SAFETY: as for `MapSlice::as_ref`: `[0, size)` is published, inside the map and the
+        // file, and never changes while `self` (and so the map) is alive.
+        unsafe { std::slice::from_raw_parts(self.log_map.as_ptr(), size) }
+    }
+
+    fn corrupt(&self, position: usize, reason: impl Into<String>) -> StorageError {
+        StorageError::Corrupt {
+            path: self.log_path.clone(),
+            position: position as u64,
+            reason: reason.into(),
+        }
+    }
+
+    /// Position of the batch containing `target` (which must be in this segment), starting from
+    /// the offset index's hint; `None` if `target` is past the segment's published records.
+    fn position_of(&self, bytes: &[u8], target: u64) -> Result<Option<(usize, BatchHeader)>> {
+        let (mut expected, hint) = self.offset_index.lookup(target);
+        let mut position = hint as usize;
+        if position > 0 {
+            match octolog_batch::peek_batch_size(&bytes[position.min(bytes.len())..]) {
+                Ok((base, _)) if base as u64 == expected => {}
+                _ => {
+                    tracing::warn!(path = %self.log_path.display(), position, "offset index entry does not point at its batch; scanning from the start");
+                    position = 0;
+                    expected = self.base_offset;
+                }
+            }
+        }
+        while position < bytes.len() {
+            let header = BatchHeader::parse(&bytes[position..])
+                .map_err(|e| self.corrupt(position, e.to_string()))?;
+            if header.base_offset as u64 != expected {
+                return Err(self.corrupt(
+                    position,
+                    format!("batch base offset {} where {expected} was expected", header.base_offset),
+                ));
+            }
+            if target <= header.last_offset() as u64 {
+                return Ok(Some((position, header)));
+            }
+            expected = header.last_offset() as u64 + 1;
+            position += header.size();
+        }
+        Ok(None)
+    }
+
+    /// Whole batches starting with the one containing `target`, below `limit_offset`: as many
+    /// as fit in `bytes_max`, but at least one, as one zero-copy slice. Empty if `target` is at
+    /// or past the end of the published records or at or past `limit_offset`.
+    ///
+    /// # Errors
+    ///
+    /// `Corrupt` if the bytes on disk are not a chain of batches with contiguous offsets.
+    pub(crate) fn read(&self, target: u64, bytes_max: usize, limit_offset: u64) -> Result<Bytes> {
+        let bytes = self.published();
+        let Some((start, first)) = self.position_of(bytes, target)? else {
+            return Ok(Bytes::new());
+        };
+        if first.base_offset as u64 >= limit_offset {
+            return Ok(Bytes::new());
+        }
+        let mut end = start + first.size();
+        let mut expected = first.last_offset() as u64 + 1;
+        while end < bytes.len() && expected < limit_offset {
+            let header = BatchHeader::parse(&bytes[end..]).map_err(|e| self.corrupt(end, e.to_string()))?;
+            if header.base_offset as u64 != expected {
+                return Err(self.corrupt(
+                    end,
+                    format!("batch base offset {} where {expected} was expected", header.base_offset),
+                ));
+            }
+            if end + header.size() - start > bytes_max {
+                break;
+            }
+            end += header.size();
+            expected = header.last_offset() as u64 + 1;
+        }
+        Ok(self.slice(start, end))
+    }
+
+    /// The first offset in this segment, at or after the segment's start and below
+    /// `limit_offset`, whose record has a timestamp >= `timestamp`; `None` if there is none.
+    pub(crate) fn offset_for_timestamp(&self, timestamp: i64, limit_offset: u64) -> Result<Option<u64>> {
+        match self.max_timestamp() {
+            Some(max) if max >= timestamp => {}
+            _ => return Ok(None),
+        }
+        let start = self
+            .time_index
+            .lookup_below(timestamp)
+            .map_or(self.base_offset, |offset| offset + 1);
+        let bytes = self.published();
+        let Some((mut position, _)) = self.position_of(bytes, start)? else {
+            return Ok(None);
+        };
+        while position < bytes.len() {
+            let header = BatchHeader::parse(&bytes[position..])
+                .map_err(|e| self.corrupt(position, e.to_string()))?;
+            if header.base_offset as u64 >= limit_offset {
+                return Ok(None);
+            }
+            if header.max_timestamp >= timestamp {
+                if header.compression() != Compression::None {
+                    // Record timestamps are inside the compressed payload; the batch is the
+                    // finest answer available without decompressing.
+                    return Ok(Some(header.base_offset as u64));
+                }
+                let batch = self.slice(position, position + header.size());
+                let (_, records) = octolog_batch::decode_batch(&batch)
+                    .map_err(|e| self.corrupt(position, e.to_string()))?;
+                for record in records {
+                    if record.timestamp_ms >= timestamp && (record.offset as u64) < limit_offset {
+                        return Ok(Some(record.offset as u64));
+                    }
+                }
+            }
+            position += header.size();
+        }
+        Ok(None)
+    }
+}
+
+/// Result of scanning a `.log`'s bytes batch by batch.
+#[derive(Debug)]
+struct Scan {
+    /// Position after the last valid batch.
+    end: usize,
+    /// Offset after the last valid batch.
+    next_offset: u64,
+    /// Greatest `max_timestamp` among the valid batches scanned.
+    max_timestamp: i64,
+    /// Why the scan stopped before the end of `bytes`, if it did.
+    error: Option<String>,
+}
+
+/// Walks the batches of `bytes` from `position`, whose first batch must start at
+/// `expected_offset`, checking structure, contiguous offsets and, with `verify`, checksums.
+fn scan(bytes: &[u8], mut position: usize, mut expected_offset: u64, verify: bool) -> Scan {
+    let mut max_timestamp = NO_TIMESTAMP;
+    let mut error = None;
+    while position < bytes.len() {
+        let rest = &bytes[position..];
+        let parsed = if verify {
+            BatchHeader::parse_verified(rest)
+        } else {
+            BatchHeader::parse(rest)
+        };
+        match parsed {
+            Ok(header) if header.base_offset as u64 == expected_offset => {
+                max_timestamp = max_timestamp.max(header.max_timestamp);
+                expected_offset = header.last_offset() as u64 + 1;
+                position += header.size();
+            }
+            Ok(header) => {
+                error = Some(format!(
+                    "batch at position {position} has base offset {} where {expected_offset} was expected",
+                    header.base_offset
+                ));
+                break;
+            }
+            Err(e) => {
+                error = Some(format!("invalid batch at position {position}: {e}"));
+                break;
+            }
+        }
+    }
+    Scan {
+        end: position,
+        next_offset: expected_offset,
+        max_timestamp,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_round_trip() {
+        assert_eq!(file_name(42, "log"), "00000000000000000042.log");
+        assert_eq!(parse_file_name("00000000000000000042.log", "log"), Some(42));
+        assert_eq!(parse_file_name("00000000000000000042.index", "log"), None);
+        assert_eq!(parse_file_name("0000000000000000042.log", "log"), None);
+        assert_eq!(parse_file_name("0000000000000000004x.log", "log"), None);
+        assert_eq!(parse_file_name("99999999999999999999.log", "log"), None);
+    }
+}

@@ -1,0 +1,385 @@
+//! Behaviour of `Log` through its public API on real files.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use octolog_batch::{BatchError, Offset};
+use octolog_storage::{FlushPolicy, Log, LogConfig, StorageError};
+
+#[test]
+fn append_assigns_dense_offsets_and_read_returns_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    assert_eq!(log.log_end_offset(), Offset(0));
+    let mut first = batch(&[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], 1000);
+    let info = log.append(&mut first).unwrap();
+    assert_eq!((info.first_offset, info.last_offset, info.log_end_offset), (Offset(0), Offset(2), Offset(3)));
+    let mut second = batch(&[b"d".to_vec()], 2000);
+    let info = log.append(&mut second).unwrap();
+    assert_eq!((info.first_offset, info.last_offset, info.log_end_offset), (Offset(3), Offset(3), Offset(4)));
+    let values: Vec<_> = read_all(&log, 0).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(values, [&b"a"[..], b"b", b"c", b"d"]);
+    // A read from inside a batch returns the whole batch, starting before the offset asked for.
+    let read = log.read(Offset(1), 1 << 20).unwrap();
+    let records = octolog_batch::decode_batches(&read.batches).unwrap();
+    assert_eq!(records[0].offset, 0);
+    assert_eq!(records.len(), 4);
+    // At the high watermark: empty, not an error.
+    assert!(log.read(Offset(4), 1 << 20).unwrap().batches.is_empty());
+}
+
+#[test]
+fn several_batches_in_one_append_get_consecutive_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let mut buf = Vec::new();
+    for i in 0..5u64 {
+        buf.extend_from_slice(&batch(&[value_for(i * 2, 900), value_for(i * 2 + 1, 900)], 0));
+    }
+    // 5 batches of ~1.9 KiB into 8 KiB segments: the append spans a roll.
+    let info = log.append(&mut buf).unwrap();
+    assert_eq!((info.first_offset, info.log_end_offset), (Offset(0), Offset(10)));
+    assert!(log.segment_count() >= 2);
+    let all = read_all(&log, 0);
+    for (offset, value) in all {
+        assert_eq!(value, value_for(offset, 900));
+    }
+}
+
+#[test]
+fn read_honours_bytes_max_but_returns_at_least_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    append_records(&log, 10, 1000, 0);
+    let one = log.read(Offset(0), 1).unwrap();
+    assert_eq!(octolog_batch::decode_batches(&one.batches).unwrap().len(), 1);
+    let some = log.read(Offset(0), 3 * one.batches.len()).unwrap();
+    assert_eq!(some.batches.len(), 3 * one.batches.len());
+    let all = log.read(Offset(0), 1 << 20).unwrap();
+    assert_eq!(all.batches.len(), 10 * one.batches.len());
+}
+
+#[test]
+fn out_of_range_offsets_are_errors_with_the_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { retention_bytes: Some(1), ..small_config() };
+    let log = Log::open(dir.path(), config).unwrap();
+    append_records(&log, 40, 500, 0);
+    log.apply_retention(0).unwrap();
+    let start = log.log_start_offset();
+    assert!(start.0 > 0);
+    for offset in [0, start.0 - 1, 41, u64::MAX] {
+        match log.read(Offset(offset), 100) {
+            Err(StorageError::OffsetOutOfRange { offset: o, log_start_offset, log_end_offset }) => {
+                assert_eq!((o, log_start_offset, log_end_offset), (Offset(offset), start, Offset(40)));
+            }
+            other => panic!("offset {offset}: {other:?}"),
+        }
+    }
+    assert!(log.read(start, 100).is_ok());
+    assert!(log.read(Offset(40), 100).unwrap().batches.is_empty());
+}
+
+#[test]
+fn bad_batches_are_rejected_without_touching_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { batch_bytes_max: 4096, ..small_config() };
+    let log = Log::open(dir.path(), config).unwrap();
+    append_records(&log, 3, 10, 0);
+    let good = batch(&[b"x".to_vec()], 0);
+    let size_before = log.size_bytes();
+
+    let check = |mut bytes: Vec<u8>, want: &dyn Fn(&StorageError) -> bool| {
+        let err = log.append(&mut bytes).unwrap_err();
+        assert!(want(&err), "unexpected error {err:?}");
+        assert!(!err.to_string().is_empty());
+        assert_eq!(log.log_end_offset(), Offset(3));
+        assert_eq!(log.size_bytes(), size_before);
+    };
+    check(Vec::new(), &|e| matches!(e, StorageError::EmptyAppend));
+    let mut flipped = good.to_vec();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    check(flipped, &|e| matches!(e, StorageError::InvalidBatch { position: 0, source: BatchError::CrcMismatch { .. } }));
+    let mut magic = good.to_vec();
+    magic[16] = 1;
+    check(magic, &|e| matches!(e, StorageError::InvalidBatch { source: BatchError::WrongMagic { .. }, .. }));
+    check(good[..good.len() - 3].to_vec(), &|e| matches!(e, StorageError::InvalidBatch { source: BatchError::Truncated { .. }, .. }));
+    // A good batch followed by a bad one: nothing of either is written.
+    let mut two = good.to_vec();
+    two.extend_from_slice(&good[..20]);
+    check(two, &|e| matches!(e, StorageError::InvalidBatch { position, .. } if *position == good.len()));
+    check(batch(&[vec![7u8; 5000]], 0).to_vec(), &|e| matches!(e, StorageError::BatchTooLarge { max: 4096, .. }));
+    check(vec![0u8; 100], &|e| matches!(e, StorageError::InvalidBatch { .. }));
+    // And the log still works.
+    append_records(&log, 1, 10, 0);
+    assert_eq!(read_all(&log, 0).len(), 4);
+}
+
+#[test]
+fn rolls_segments_and_reads_across_them_through_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    append_records(&log, 300, 200, 0);
+    assert!(log.segment_count() > 5, "{} segments", log.segment_count());
+    // Every offset can be read on its own, from any segment.
+    for offset in 0..300u64 {
+        let read = log.read(Offset(offset), 1).unwrap();
+        let records = octolog_batch::decode_batches(&read.batches).unwrap();
+        assert_eq!(records[0].offset as u64, offset);
+        assert_eq!(records[0].value.as_deref(), Some(&value_for(offset, 200)[..]));
+    }
+    // The files are named by base offset, 20 digits.
+    let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert!(names.contains(&"00000000000000000000.log".to_string()));
+    assert!(names.contains(&"00000000000000000000.index".to_string()));
+    assert!(names.contains(&"00000000000000000000.timeindex".to_string()));
+}
+
+#[test]
+fn a_full_index_rolls_the_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    // Index entry after every batch (interval 0), room for 8 offset entries (64 bytes).
+    let config = LogConfig { segment_bytes: 1 << 20, index_interval_bytes: 0, index_bytes_max: 64, ..small_config() };
+    let log = Log::open(dir.path(), config).unwrap();
+    append_records(&log, 40, 10, 0);
+    assert!(log.segment_count() >= 5, "{} segments", log.segment_count());
+    assert_eq!(read_all(&log, 0).len(), 40);
+}
+
+#[test]
+fn segment_ms_rolls_an_old_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_ms: 1, ..small_config() };
+    let log = Log::open(dir.path(), config).unwrap();
+    append_records(&log, 1, 10, 0);
+    // The passage of time is what is tested here, not a synchronisation.
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    append_records(&log, 1, 10, 0);
+    assert_eq!(log.segment_count(), 2);
+}
+
+#[test]
+fn offset_for_timestamp_finds_the_first_record_at_or_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    // Timestamps rise by 10 per record except a late record (ts 5) at offset 50.
+    for offset in 0..200u64 {
+        let ts = if offset == 50 { 5 } else { offset as i64 * 10 };
+        let mut b = batch(&[value_for(offset, 100)], ts);
+        log.append(&mut b).unwrap();
+    }
+    let check = |ts: i64, want: Option<u64>| {
+        assert_eq!(log.offset_for_timestamp(ts).unwrap(), want.map(Offset), "timestamp {ts}");
+    };
+    check(i64::MIN, Some(0));
+    check(0, Some(0));
+    check(1, Some(1));
+    check(10, Some(1));
+    check(11, Some(2));
+    check(495, Some(51));
+    check(500, Some(51));
+    check(1990, Some(199));
+    check(1991, None);
+    // A batch with several records: the first record inside it that qualifies.
+    let mut b = batch(&[b"x".to_vec(), b"y".to_vec(), b"z".to_vec()], 5000);
+    log.append(&mut b).unwrap();
+    check(5001, Some(201));
+}
+
+#[test]
+fn retention_deletes_old_sealed_segments_and_keeps_held_slices_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { retention_ms: Some(1000), ..small_config() };
+    let log = Log::open(dir.path(), config).unwrap();
+    append_records(&log, 100, 200, 10_000); // old
+    let first_old = log.read(Offset(0), 1 << 20).unwrap().batches;
+    log.roll().unwrap();
+    append_records(&log, 50, 200, 20_000); // new
+    let segments_before = log.segment_count();
+    let outcome = log.apply_retention(20_500).unwrap();
+    assert!(outcome.segments_deleted > 0);
+    assert_eq!(outcome.log_start_offset, Offset(100));
+    assert_eq!(log.log_start_offset(), Offset(100));
+    assert_eq!(log.segment_count(), segments_before - outcome.segments_deleted);
+    assert!(!dir.path().join("00000000000000000000.log").exists());
+    // The slice taken before deletion still decodes.
+    let records = octolog_batch::decode_batches(&first_old).unwrap();
+    assert_eq!(records[0].value.as_deref(), Some(&value_for(0, 200)[..]));
+    assert!(matches!(log.read(Offset(99), 1), Err(StorageError::OffsetOutOfRange { .. })));
+    assert_eq!(read_all(&log, 100).len(), 50);
+    // Nothing more is old enough; the active segment is never deleted.
+    assert_eq!(log.apply_retention(20_500).unwrap().segments_deleted, 0);
+    assert_eq!(log.apply_retention(i64::MAX).unwrap().log_start_offset, log.log_start_offset());
+    assert!(log.segment_count() >= 1);
+}
+
+#[test]
+fn retention_by_bytes_keeps_the_log_under_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { retention_bytes: Some(20_000), ..small_config() };
+    let log = Log::open(dir.path(), config).unwrap();
+    append_records(&log, 400, 200, 0);
+    let before = log.size_bytes();
+    let outcome = log.apply_retention(0).unwrap();
+    assert!(outcome.segments_deleted > 0);
+    assert_eq!(log.size_bytes(), before - outcome.bytes_deleted);
+    assert!(log.size_bytes() >= 20_000);
+    assert!(log.size_bytes() < 20_000 + 8 * 1024);
+    let start = log.log_start_offset().0;
+    assert_eq!(read_all(&log, start).len() as u64, 400 - start);
+}
+
+#[test]
+fn truncate_to_cuts_at_a_batch_boundary_and_appends_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    append_records(&log, 100, 200, 0);
+    let held = log.read(Offset(90), 1 << 20).unwrap().batches;
+    // Offset 93 is alone in its batch: the cut is exact.
+    assert_eq!(log.truncate_to(Offset(93)).unwrap(), Offset(93));
+    assert_eq!(log.log_end_offset(), Offset(93));
+    // A three-record batch: truncating into its middle removes all of it.
+    let mut b = batch(&[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], 0);
+    log.append(&mut b).unwrap();
+    assert_eq!(log.truncate_to(Offset(95)).unwrap(), Offset(93));
+    append_records(&log, 5, 200, 0);
+    let all = read_all(&log, 0);
+    assert_eq!(all.len(), 98);
+    for (offset, value) in &all {
+        assert_eq!(value, &value_for(*offset, 200));
+    }
+    // The slice held across the truncation is intact.
+    let records = octolog_batch::decode_batches(&held).unwrap();
+    assert_eq!(records.last().unwrap().offset, 99);
+    // Truncate into an earlier segment, then below the start.
+    assert_eq!(log.truncate_to(Offset(10)).unwrap(), Offset(10));
+    assert_eq!(read_all(&log, 0).len(), 10);
+    assert_eq!(log.truncate_to(Offset(500)).unwrap(), Offset(10));
+    log.close().unwrap();
+    drop(log);
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    assert_eq!(log.log_end_offset(), Offset(10));
+    assert_eq!(read_all(&log, 0).len(), 10);
+}
+
+#[test]
+fn clean_close_and_reopen_keeps_everything_and_appends_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    append_records(&log, 150, 300, 0);
+    log.close().unwrap();
+    assert!(matches!(log.append(&mut batch(&[b"x".to_vec()], 0)), Err(StorageError::Closed { .. })));
+    drop(log);
+    assert!(dir.path().join("clean-shutdown").exists());
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    assert!(log.open_report().clean_shutdown);
+    assert_eq!(log.open_report().segments_recovered, 0);
+    assert!(!dir.path().join("clean-shutdown").exists());
+    assert_eq!(log.log_end_offset(), Offset(150));
+    append_records(&log, 10, 300, 0);
+    let all = read_all(&log, 0);
+    assert_eq!(all.len(), 160);
+    for (offset, value) in all {
+        assert_eq!(value, value_for(offset, 300));
+    }
+}
+
+#[test]
+fn flush_always_makes_records_visible_only_when_durable_and_shares_fsyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { flush: FlushPolicy::Always, ..LogConfig::default() };
+    let log = Arc::new(Log::open(dir.path(), config).unwrap());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut offsets = Vec::new();
+                for i in 0..25 {
+                    let mut b = batch(&[format!("t{t}-{i}").into_bytes()], 0);
+                    let info = log.append(&mut b).unwrap();
+                    // Durable before append returns: the recovery point is past it.
+                    assert!(info.log_end_offset <= log.recovery_point());
+                    assert!(info.log_end_offset <= log.high_watermark());
+                    offsets.push(info.first_offset.0);
+                }
+                offsets
+            })
+        })
+        .collect();
+    let mut offsets: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..100).collect::<Vec<_>>());
+    assert_eq!(read_all(&log, 0).len(), 100);
+}
+
+#[test]
+fn flush_interval_flushes_when_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { flush: FlushPolicy::IntervalMs(1), ..small_config() };
+    let log = Log::open(dir.path(), config).unwrap();
+    append_records(&log, 3, 10, 0);
+    assert_eq!(log.recovery_point(), Offset(0));
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    assert!(log.flush_if_due().unwrap());
+    assert_eq!(log.recovery_point(), Offset(3));
+    assert!(!log.flush_if_due().unwrap(), "nothing left to flush");
+}
+
+#[test]
+fn concurrent_readers_see_a_consistent_prefix_while_the_writer_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(Log::open(dir.path(), small_config()).unwrap());
+    let total = 2000u64;
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut next = 0u64;
+                // Bounded: each round either advances or waits for the writer, which finishes.
+                for _ in 0..10_000_000u64 {
+                    if next == total {
+                        break;
+                    }
+                    let read = log.read(Offset(next), 4096).unwrap();
+                    for record in octolog_batch::decode_batches(&read.batches).unwrap() {
+                        let offset = record.offset as u64;
+                        if offset >= next {
+                            assert_eq!(offset, next);
+                            assert_eq!(record.value.as_deref(), Some(&value_for(offset, 100)[..]));
+                            next += 1;
+                        }
+                    }
+                    if read.batches.is_empty() {
+                        std::thread::yield_now();
+                    }
+                }
+                next
+            })
+        })
+        .collect();
+    append_records(&log, total, 100, 0);
+    for reader in readers {
+        assert_eq!(reader.join().unwrap(), total);
+    }
+}
+
+#[test]
+fn delete_removes_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("topic-0");
+    let log = Log::open(&path, small_config()).unwrap();
+    append_records(&log, 5, 10, 0);
+    log.delete().unwrap();
+    assert!(!path.exists());
+}
+
+#[test]
+fn invalid_config_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig { segment_bytes: 10, ..LogConfig::default() };
+    assert!(matches!(Log::open(dir.path(), config), Err(StorageError::InvalidConfig(_))));
+}
