@@ -58,10 +58,7 @@ impl Checkpoint {
 
     fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
         if bytes.len() != CHECKPOINT_BYTES {
-            return Err(format!(
-                "length {} is not {CHECKPOINT_BYTES}",
-                bytes.len()
-            ));
+            return Err(format!("length {} is not {CHECKPOINT_BYTES}", bytes.len()));
         }
         let stored = u32::from_be_bytes(bytes[28..32].try_into().expect("4 bytes"));
         let computed = crc32fast::hash(&bytes[..28]);

@@ -225,7 +225,11 @@ impl OffsetIndex {
         };
         let index = OffsetIndex { base_offset, inner };
         let count = index.len();
-        let first = if check_all { 0 } else { count.saturating_sub(1) };
+        let first = if check_all {
+            0
+        } else {
+            count.saturating_sub(1)
+        };
         let mut previous = (0u32, 0u32);
         if first > 0 {
             previous = index.raw_entry(first - 1);
@@ -337,13 +341,16 @@ impl TimeIndex {
         next_offset: u64,
         check_all: bool,
     ) -> Result<Option<Self>> {
-        let Some(inner) = MappedIndex::open(path, TIME_ENTRY_BYTES, bytes_max, preallocate)?
-        else {
+        let Some(inner) = MappedIndex::open(path, TIME_ENTRY_BYTES, bytes_max, preallocate)? else {
             return Ok(None);
         };
         let index = TimeIndex { base_offset, inner };
         let mut previous: Option<(i64, u64)> = None;
-        let first = if check_all { 0 } else { index.len().saturating_sub(2) };
+        let first = if check_all {
+            0
+        } else {
+            index.len().saturating_sub(2)
+        };
         for i in first..index.len() {
             let (timestamp, offset) = index.entry(i);
             if offset >= next_offset {

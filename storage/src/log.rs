@@ -635,7 +635,9 @@ impl Log {
         // Write the kept prefix to a new file and rename it over the old one.
         let base = segment.base_offset();
         let log_path = self.dir.join(segment::file_name(base, "log"));
-        let swap_path = self.dir.join(format!("{}.swap", segment::file_name(base, "log")));
+        let swap_path = self
+            .dir
+            .join(format!("{}.swap", segment::file_name(base, "log")));
         fs::write(&swap_path, segment.prefix(keep_bytes)).map_err(io_err(&swap_path))?;
         fs::File::open(&swap_path)
             .and_then(|f| f.sync_all())
@@ -648,8 +650,9 @@ impl Log {
             later.delete()?;
         }
         checkpoint::sync_dir(&self.dir)?;
-        let Opened::Ok { segment: reopened, .. } =
-            Segment::open(&self.dir, base, &self.config, true, OpenMode::Trusted)?
+        let Opened::Ok {
+            segment: reopened, ..
+        } = Segment::open(&self.dir, base, &self.config, true, OpenMode::Trusted)?
         else {
             unreachable!("a prefix of valid batches failed its checks");
         };

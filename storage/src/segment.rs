@@ -126,7 +126,9 @@ impl AsRef<[u8]> for MapSlice {
         // made, so it lies inside the mapping and inside the file. Bytes below `size` are never
         // written again and the file is never shrunk below `size` while mapped (see the module
         // documentation), so the memory stays valid and unchanged while `map` is alive.
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.start), self.end - self.start) }
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(self.start), self.end - self.start)
+        }
     }
 }
 
@@ -238,7 +240,10 @@ impl Segment {
         let scan_map = if readable > 0 {
             // SAFETY: the file is ours and nobody else writes it while the log is being opened;
             // the map is dropped before this function returns.
-            Some(unsafe { MmapOptions::new().len(readable).map(&log_file) }.map_err(io_err(&log_path))?)
+            Some(
+                unsafe { MmapOptions::new().len(readable).map(&log_file) }
+                    .map_err(io_err(&log_path))?,
+            )
         } else {
             None
         };
@@ -264,7 +269,10 @@ impl Segment {
                 }
                 if tail.end != file_len as usize {
                     return Ok(Opened::NeedsRecovery {
-                        reason: format!("file is {file_len} bytes but its batches end at {}", tail.end),
+                        reason: format!(
+                            "file is {file_len} bytes but its batches end at {}",
+                            tail.end
+                        ),
                     });
                 }
                 if let Some(time_index) = TimeIndex::open(
@@ -311,7 +319,9 @@ impl Segment {
                 .error
                 .clone()
                 .unwrap_or_else(|| "bytes past the last whole batch".to_string());
-            log_file.set_len(scanned.end as u64).map_err(io_err(&log_path))?;
+            log_file
+                .set_len(scanned.end as u64)
+                .map_err(io_err(&log_path))?;
             cut = Some((file_len - scanned.end as u64, reason));
         }
         let offset_index = OffsetIndex::create(&index_path, base_offset, config.index_bytes_max)?;
@@ -375,7 +385,8 @@ impl Segment {
             state.bytes_since_index_entry = 0;
         }
         state.bytes_since_index_entry += header.size() as u32;
-        self.max_timestamp.fetch_max(header.max_timestamp, Ordering::Relaxed);
+        self.max_timestamp
+            .fetch_max(header.max_timestamp, Ordering::Relaxed);
     }
 
     /// Records in the time index that every record up to `last_offset` has a timestamp <= the
@@ -456,7 +467,8 @@ impl Segment {
         }
         assert!(at == chunk.len());
         self.next_offset.store(next_offset, Ordering::Release);
-        self.size.store(position + chunk.len() as u32, Ordering::Release);
+        self.size
+            .store(position + chunk.len() as u32, Ordering::Release);
         Ok(())
     }
 
@@ -470,10 +482,16 @@ impl Segment {
         self.offset_index.trim()?;
         self.time_index.trim()?;
         let size = u64::from(self.size());
-        let file_len = self.log_file.metadata().map_err(io_err(&self.log_path))?.len();
+        let file_len = self
+            .log_file
+            .metadata()
+            .map_err(io_err(&self.log_path))?
+            .len();
         if file_len != size {
             assert!(size < file_len);
-            self.log_file.set_len(size).map_err(io_err(&self.log_path))?;
+            self.log_file
+                .set_len(size)
+                .map_err(io_err(&self.log_path))?;
         }
         Ok(())
     }
@@ -558,7 +576,10 @@ impl Segment {
             if header.base_offset as u64 != expected {
                 return Err(self.corrupt(
                     position,
-                    format!("batch base offset {} where {expected} was expected", header.base_offset),
+                    format!(
+                        "batch base offset {} where {expected} was expected",
+                        header.base_offset
+                    ),
                 ));
             }
             if target <= header.last_offset() as u64 {
@@ -588,11 +609,15 @@ impl Segment {
         let mut end = start + first.size();
         let mut expected = first.last_offset() as u64 + 1;
         while end < bytes.len() && expected < limit_offset {
-            let header = BatchHeader::parse(&bytes[end..]).map_err(|e| self.corrupt(end, e.to_string()))?;
+            let header =
+                BatchHeader::parse(&bytes[end..]).map_err(|e| self.corrupt(end, e.to_string()))?;
             if header.base_offset as u64 != expected {
                 return Err(self.corrupt(
                     end,
-                    format!("batch base offset {} where {expected} was expected", header.base_offset),
+                    format!(
+                        "batch base offset {} where {expected} was expected",
+                        header.base_offset
+                    ),
                 ));
             }
             if end + header.size() - start > bytes_max {
@@ -606,7 +631,11 @@ impl Segment {
 
     /// The first offset in this segment, at or after the segment's start and below
     /// `limit_offset`, whose record has a timestamp >= `timestamp`; `None` if there is none.
-    pub(crate) fn offset_for_timestamp(&self, timestamp: i64, limit_offset: u64) -> Result<Option<u64>> {
+    pub(crate) fn offset_for_timestamp(
+        &self,
+        timestamp: i64,
+        limit_offset: u64,
+    ) -> Result<Option<u64>> {
         match self.max_timestamp() {
             Some(max) if max >= timestamp => {}
             _ => return Ok(None),

@@ -15,10 +15,16 @@ fn append_assigns_dense_offsets_and_read_returns_them() {
     assert_eq!(log.log_end_offset(), Offset(0));
     let mut first = batch(&[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], 1000);
     let info = log.append(&mut first).unwrap();
-    assert_eq!((info.first_offset, info.last_offset, info.log_end_offset), (Offset(0), Offset(2), Offset(3)));
+    assert_eq!(
+        (info.first_offset, info.last_offset, info.log_end_offset),
+        (Offset(0), Offset(2), Offset(3))
+    );
     let mut second = batch(&[b"d".to_vec()], 2000);
     let info = log.append(&mut second).unwrap();
-    assert_eq!((info.first_offset, info.last_offset, info.log_end_offset), (Offset(3), Offset(3), Offset(4)));
+    assert_eq!(
+        (info.first_offset, info.last_offset, info.log_end_offset),
+        (Offset(3), Offset(3), Offset(4))
+    );
     let values: Vec<_> = read_all(&log, 0).into_iter().map(|(_, v)| v).collect();
     assert_eq!(values, [&b"a"[..], b"b", b"c", b"d"]);
     // A read from inside a batch returns the whole batch, starting before the offset asked for.
@@ -36,11 +42,17 @@ fn several_batches_in_one_append_get_consecutive_offsets() {
     let log = Log::open(dir.path(), small_config()).unwrap();
     let mut buf = Vec::new();
     for i in 0..5u64 {
-        buf.extend_from_slice(&batch(&[value_for(i * 2, 900), value_for(i * 2 + 1, 900)], 0));
+        buf.extend_from_slice(&batch(
+            &[value_for(i * 2, 900), value_for(i * 2 + 1, 900)],
+            0,
+        ));
     }
     // 5 batches of ~1.9 KiB into 8 KiB segments: the append spans a roll.
     let info = log.append(&mut buf).unwrap();
-    assert_eq!((info.first_offset, info.log_end_offset), (Offset(0), Offset(10)));
+    assert_eq!(
+        (info.first_offset, info.log_end_offset),
+        (Offset(0), Offset(10))
+    );
     assert!(log.segment_count() >= 2);
     let all = read_all(&log, 0);
     for (offset, value) in all {
@@ -54,7 +66,10 @@ fn read_honours_bytes_max_but_returns_at_least_one_batch() {
     let log = Log::open(dir.path(), LogConfig::default()).unwrap();
     append_records(&log, 10, 1000, 0);
     let one = log.read(Offset(0), 1).unwrap();
-    assert_eq!(octolog_batch::decode_batches(&one.batches).unwrap().len(), 1);
+    assert_eq!(
+        octolog_batch::decode_batches(&one.batches).unwrap().len(),
+        1
+    );
     let some = log.read(Offset(0), 3 * one.batches.len()).unwrap();
     assert_eq!(some.batches.len(), 3 * one.batches.len());
     let all = log.read(Offset(0), 1 << 20).unwrap();
@@ -64,7 +79,10 @@ fn read_honours_bytes_max_but_returns_at_least_one_batch() {
 #[test]
 fn out_of_range_offsets_are_errors_with_the_bounds() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { retention_bytes: Some(1), ..small_config() };
+    let config = LogConfig {
+        retention_bytes: Some(1),
+        ..small_config()
+    };
     let log = Log::open(dir.path(), config).unwrap();
     append_records(&log, 40, 500, 0);
     log.apply_retention(0).unwrap();
@@ -72,8 +90,15 @@ fn out_of_range_offsets_are_errors_with_the_bounds() {
     assert!(start.0 > 0);
     for offset in [0, start.0 - 1, 41, u64::MAX] {
         match log.read(Offset(offset), 100) {
-            Err(StorageError::OffsetOutOfRange { offset: o, log_start_offset, log_end_offset }) => {
-                assert_eq!((o, log_start_offset, log_end_offset), (Offset(offset), start, Offset(40)));
+            Err(StorageError::OffsetOutOfRange {
+                offset: o,
+                log_start_offset,
+                log_end_offset,
+            }) => {
+                assert_eq!(
+                    (o, log_start_offset, log_end_offset),
+                    (Offset(offset), start, Offset(40))
+                );
             }
             other => panic!("offset {offset}: {other:?}"),
         }
@@ -85,7 +110,10 @@ fn out_of_range_offsets_are_errors_with_the_bounds() {
 #[test]
 fn bad_batches_are_rejected_without_touching_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { batch_bytes_max: 4096, ..small_config() };
+    let config = LogConfig {
+        batch_bytes_max: 4096,
+        ..small_config()
+    };
     let log = Log::open(dir.path(), config).unwrap();
     append_records(&log, 3, 10, 0);
     let good = batch(&[b"x".to_vec()], 0);
@@ -102,17 +130,48 @@ fn bad_batches_are_rejected_without_touching_the_log() {
     let mut flipped = good.to_vec();
     let last = flipped.len() - 1;
     flipped[last] ^= 1;
-    check(flipped, &|e| matches!(e, StorageError::InvalidBatch { position: 0, source: BatchError::CrcMismatch { .. } }));
+    check(flipped, &|e| {
+        matches!(
+            e,
+            StorageError::InvalidBatch {
+                position: 0,
+                source: BatchError::CrcMismatch { .. }
+            }
+        )
+    });
     let mut magic = good.to_vec();
     magic[16] = 1;
-    check(magic, &|e| matches!(e, StorageError::InvalidBatch { source: BatchError::WrongMagic { .. }, .. }));
-    check(good[..good.len() - 3].to_vec(), &|e| matches!(e, StorageError::InvalidBatch { source: BatchError::Truncated { .. }, .. }));
+    check(magic, &|e| {
+        matches!(
+            e,
+            StorageError::InvalidBatch {
+                source: BatchError::WrongMagic { .. },
+                ..
+            }
+        )
+    });
+    check(good[..good.len() - 3].to_vec(), &|e| {
+        matches!(
+            e,
+            StorageError::InvalidBatch {
+                source: BatchError::Truncated { .. },
+                ..
+            }
+        )
+    });
     // A good batch followed by a bad one: nothing of either is written.
     let mut two = good.to_vec();
     two.extend_from_slice(&good[..20]);
-    check(two, &|e| matches!(e, StorageError::InvalidBatch { position, .. } if *position == good.len()));
-    check(batch(&[vec![7u8; 5000]], 0).to_vec(), &|e| matches!(e, StorageError::BatchTooLarge { max: 4096, .. }));
-    check(vec![0u8; 100], &|e| matches!(e, StorageError::InvalidBatch { .. }));
+    check(
+        two,
+        &|e| matches!(e, StorageError::InvalidBatch { position, .. } if *position == good.len()),
+    );
+    check(batch(&[vec![7u8; 5000]], 0).to_vec(), &|e| {
+        matches!(e, StorageError::BatchTooLarge { max: 4096, .. })
+    });
+    check(vec![0u8; 100], &|e| {
+        matches!(e, StorageError::InvalidBatch { .. })
+    });
     // And the log still works.
     append_records(&log, 1, 10, 0);
     assert_eq!(read_all(&log, 0).len(), 4);
@@ -129,10 +188,16 @@ fn rolls_segments_and_reads_across_them_through_the_index() {
         let read = log.read(Offset(offset), 1).unwrap();
         let records = octolog_batch::decode_batches(&read.batches).unwrap();
         assert_eq!(records[0].offset as u64, offset);
-        assert_eq!(records[0].value.as_deref(), Some(&value_for(offset, 200)[..]));
+        assert_eq!(
+            records[0].value.as_deref(),
+            Some(&value_for(offset, 200)[..])
+        );
     }
     // The files are named by base offset, 20 digits.
-    let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert!(names.contains(&"00000000000000000000.log".to_string()));
     assert!(names.contains(&"00000000000000000000.index".to_string()));
@@ -143,7 +208,12 @@ fn rolls_segments_and_reads_across_them_through_the_index() {
 fn a_full_index_rolls_the_segment() {
     let dir = tempfile::tempdir().unwrap();
     // Index entry after every batch (interval 0), room for 8 offset entries (64 bytes).
-    let config = LogConfig { segment_bytes: 1 << 20, index_interval_bytes: 0, index_bytes_max: 64, ..small_config() };
+    let config = LogConfig {
+        segment_bytes: 1 << 20,
+        index_interval_bytes: 0,
+        index_bytes_max: 64,
+        ..small_config()
+    };
     let log = Log::open(dir.path(), config).unwrap();
     append_records(&log, 40, 10, 0);
     assert!(log.segment_count() >= 5, "{} segments", log.segment_count());
@@ -153,7 +223,10 @@ fn a_full_index_rolls_the_segment() {
 #[test]
 fn segment_ms_rolls_an_old_segment() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { segment_ms: 1, ..small_config() };
+    let config = LogConfig {
+        segment_ms: 1,
+        ..small_config()
+    };
     let log = Log::open(dir.path(), config).unwrap();
     append_records(&log, 1, 10, 0);
     // The passage of time is what is tested here, not a synchronisation.
@@ -173,7 +246,11 @@ fn offset_for_timestamp_finds_the_first_record_at_or_after() {
         log.append(&mut b).unwrap();
     }
     let check = |ts: i64, want: Option<u64>| {
-        assert_eq!(log.offset_for_timestamp(ts).unwrap(), want.map(Offset), "timestamp {ts}");
+        assert_eq!(
+            log.offset_for_timestamp(ts).unwrap(),
+            want.map(Offset),
+            "timestamp {ts}"
+        );
     };
     check(i64::MIN, Some(0));
     check(0, Some(0));
@@ -193,7 +270,10 @@ fn offset_for_timestamp_finds_the_first_record_at_or_after() {
 #[test]
 fn retention_deletes_old_sealed_segments_and_keeps_held_slices_readable() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { retention_ms: Some(1000), ..small_config() };
+    let config = LogConfig {
+        retention_ms: Some(1000),
+        ..small_config()
+    };
     let log = Log::open(dir.path(), config).unwrap();
     append_records(&log, 100, 200, 10_000); // old
     let first_old = log.read(Offset(0), 1 << 20).unwrap().batches;
@@ -204,23 +284,35 @@ fn retention_deletes_old_sealed_segments_and_keeps_held_slices_readable() {
     assert!(outcome.segments_deleted > 0);
     assert_eq!(outcome.log_start_offset, Offset(100));
     assert_eq!(log.log_start_offset(), Offset(100));
-    assert_eq!(log.segment_count(), segments_before - outcome.segments_deleted);
+    assert_eq!(
+        log.segment_count(),
+        segments_before - outcome.segments_deleted
+    );
     assert!(!dir.path().join("00000000000000000000.log").exists());
     // The slice taken before deletion still decodes.
     let records = octolog_batch::decode_batches(&first_old).unwrap();
     assert_eq!(records[0].value.as_deref(), Some(&value_for(0, 200)[..]));
-    assert!(matches!(log.read(Offset(99), 1), Err(StorageError::OffsetOutOfRange { .. })));
+    assert!(matches!(
+        log.read(Offset(99), 1),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
     assert_eq!(read_all(&log, 100).len(), 50);
     // Nothing more is old enough; the active segment is never deleted.
     assert_eq!(log.apply_retention(20_500).unwrap().segments_deleted, 0);
-    assert_eq!(log.apply_retention(i64::MAX).unwrap().log_start_offset, log.log_start_offset());
+    assert_eq!(
+        log.apply_retention(i64::MAX).unwrap().log_start_offset,
+        log.log_start_offset()
+    );
     assert!(log.segment_count() >= 1);
 }
 
 #[test]
 fn retention_by_bytes_keeps_the_log_under_the_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { retention_bytes: Some(20_000), ..small_config() };
+    let config = LogConfig {
+        retention_bytes: Some(20_000),
+        ..small_config()
+    };
     let log = Log::open(dir.path(), config).unwrap();
     append_records(&log, 400, 200, 0);
     let before = log.size_bytes();
@@ -272,7 +364,10 @@ fn clean_close_and_reopen_keeps_everything_and_appends_continue() {
     let log = Log::open(dir.path(), small_config()).unwrap();
     append_records(&log, 150, 300, 0);
     log.close().unwrap();
-    assert!(matches!(log.append(&mut batch(&[b"x".to_vec()], 0)), Err(StorageError::Closed { .. })));
+    assert!(matches!(
+        log.append(&mut batch(&[b"x".to_vec()], 0)),
+        Err(StorageError::Closed { .. })
+    ));
     drop(log);
     assert!(dir.path().join("clean-shutdown").exists());
     let log = Log::open(dir.path(), small_config()).unwrap();
@@ -291,7 +386,10 @@ fn clean_close_and_reopen_keeps_everything_and_appends_continue() {
 #[test]
 fn flush_always_makes_records_visible_only_when_durable_and_shares_fsyncs() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { flush: FlushPolicy::Always, ..LogConfig::default() };
+    let config = LogConfig {
+        flush: FlushPolicy::Always,
+        ..LogConfig::default()
+    };
     let log = Arc::new(Log::open(dir.path(), config).unwrap());
     let threads: Vec<_> = (0..4)
         .map(|t| {
@@ -310,7 +408,10 @@ fn flush_always_makes_records_visible_only_when_durable_and_shares_fsyncs() {
             })
         })
         .collect();
-    let mut offsets: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut offsets: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     offsets.sort_unstable();
     assert_eq!(offsets, (0..100).collect::<Vec<_>>());
     assert_eq!(read_all(&log, 0).len(), 100);
@@ -319,7 +420,10 @@ fn flush_always_makes_records_visible_only_when_durable_and_shares_fsyncs() {
 #[test]
 fn flush_interval_flushes_when_due() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { flush: FlushPolicy::IntervalMs(1), ..small_config() };
+    let config = LogConfig {
+        flush: FlushPolicy::IntervalMs(1),
+        ..small_config()
+    };
     let log = Log::open(dir.path(), config).unwrap();
     append_records(&log, 3, 10, 0);
     assert_eq!(log.recovery_point(), Offset(0));
@@ -380,6 +484,12 @@ fn delete_removes_the_folder() {
 #[test]
 fn invalid_config_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig { segment_bytes: 10, ..LogConfig::default() };
-    assert!(matches!(Log::open(dir.path(), config), Err(StorageError::InvalidConfig(_))));
+    let config = LogConfig {
+        segment_bytes: 10,
+        ..LogConfig::default()
+    };
+    assert!(matches!(
+        Log::open(dir.path(), config),
+        Err(StorageError::InvalidConfig(_))
+    ));
 }
