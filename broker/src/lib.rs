@@ -1,1 +1,20 @@
-//! Placeholder crate: filled by a later issue.
+//! `octolog-broker`: the Octolog server (topic registry, partitions on storage logs, long-poll
+//! fetch and push subscriptions, the gRPC service) and the `octolog` command-line tool.
+//!
+//! Layers, outside in: `server` (listener, limits, graceful shutdown) -> `service` (protobuf <->
+//! domain, the one place errors become statuses) -> `broker` (domain operations) -> `topic` and
+//! `partition` -> `octolog_storage::Log`. The CLI (`cli`) talks to a broker through
+//! `octolog-client`, as any user would.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod partition;
+pub mod server;
+pub mod service;
+pub mod topic;
+
+pub use crate::broker::Broker;
+pub use crate::config::BrokerConfig;
+pub use crate::error::{BrokerError, Result};

@@ -1,0 +1,213 @@
+//! Broker settings: defaults, a TOML file, then flags and environment (flags win over the file).
+//!
+//! The TOML file uses the field names of [`BrokerConfig`], for example:
+//!
+//! ```toml
+//! data_dir = "/var/lib/octolog"
+//! listen = "0.0.0.0:7171"
+//! fsync = "interval-ms=1000"
+//! segment_bytes = 1073741824
+//! retention_ms = 604800000
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use octolog_storage::{FlushPolicy, LogConfig};
+use serde::Deserialize;
+
+use crate::error::{BrokerError, Result};
+
+/// Everything the broker can be told. Every limit is a named setting with a default.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Where topics live. Default `./octolog-data`.
+    pub data_dir: PathBuf,
+    /// Address to listen on. Default `127.0.0.1:7171`.
+    pub listen: SocketAddr,
+    /// Flush policy of every partition log: `always`, `never` or `interval-ms=N`.
+    /// Default `interval-ms=1000`.
+    pub fsync: String,
+    /// Segment size before a roll. Default 1 GiB.
+    pub segment_bytes: u32,
+    /// Default retention by age for topics that do not set one; `-1` keeps forever.
+    /// Default 7 days.
+    pub retention_ms: i64,
+    /// Default retention by size per partition; `-1` for no limit. Default `-1`.
+    pub retention_bytes: i64,
+    /// Partitions of a topic created without a count. Default 1.
+    pub default_partitions: u32,
+    /// Most partitions one topic may have. Default 10,000.
+    pub partitions_max: u32,
+    /// Largest record batch a producer may send. Default 1 MiB.
+    pub batch_bytes_max: u32,
+    /// Largest gRPC request the broker decodes. Default 16 MiB.
+    pub request_bytes_max: usize,
+    /// Largest fetch response, and the cap on what one fetch may ask for. Default 16 MiB.
+    pub fetch_bytes_max: u32,
+    /// Longest a fetch may wait for data (long poll). Default 30,000 ms.
+    pub fetch_wait_ms_max: u32,
+    /// Most fetches waiting for data at once; further fetches answer at once. Default 10,000.
+    pub fetch_waiters_max: usize,
+    /// Most open client connections; further clients wait to be accepted. Default 1,024.
+    pub connections_max: usize,
+    /// Most concurrent push subscriptions. Default 1,024.
+    pub subscriptions_max: usize,
+    /// How often to check retention. Default 60,000 ms.
+    pub retention_check_interval_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            data_dir: PathBuf::from("octolog-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7171)),
+            fsync: "interval-ms=1000".to_string(),
+            segment_bytes: 1 << 30,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: -1,
+            default_partitions: 1,
+            partitions_max: 10_000,
+            batch_bytes_max: 1 << 20,
+            request_bytes_max: 16 << 20,
+            fetch_bytes_max: 16 << 20,
+            fetch_wait_ms_max: 30_000,
+            fetch_waiters_max: 10_000,
+            connections_max: 1024,
+            subscriptions_max: 1024,
+            retention_check_interval_ms: 60_000,
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Reads a TOML file; fields it does not set keep their defaults.
+    ///
+    /// # Errors
+    ///
+    /// `Config` if the file cannot be read or has unknown or ill-typed fields.
+    pub fn from_file(path: &Path) -> Result<BrokerConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| BrokerError::Config(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text)
+            .map_err(|e| BrokerError::Config(format!("{}: {}", path.display(), e.message())))
+    }
+
+    /// The flush policy, parsed.
+    ///
+    /// # Errors
+    ///
+    /// `Config` if `fsync` is not a policy.
+    pub fn flush_policy(&self) -> Result<FlushPolicy> {
+        self.fsync
+            .parse()
+            .map_err(|e: octolog_storage::StorageError| BrokerError::Config(e.to_string()))
+    }
+
+    /// The log settings of a partition of a topic with these retention overrides.
+    ///
+    /// # Errors
+    ///
+    /// `Config` if the result is not a valid log config.
+    pub fn log_config(
+        &self,
+        retention_ms: Option<i64>,
+        retention_bytes: Option<i64>,
+    ) -> Result<LogConfig> {
+        let positive = |v: i64| u64::try_from(v).ok();
+        let config = LogConfig {
+            segment_bytes: self.segment_bytes,
+            batch_bytes_max: self.batch_bytes_max,
+            retention_ms: positive(retention_ms.unwrap_or(self.retention_ms)),
+            retention_bytes: positive(retention_bytes.unwrap_or(self.retention_bytes)),
+            flush: self.flush_policy()?,
+            ..LogConfig::default()
+        };
+        config
+            .validate()
+            .map_err(|e| BrokerError::Config(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Checks every setting.
+    ///
+    /// # Errors
+    ///
+    /// `Config` naming the first bad setting.
+    pub fn validate(&self) -> Result<()> {
+        self.log_config(None, None)?;
+        let bad = |msg: &str| Err(BrokerError::Config(msg.to_string()));
+        if self.default_partitions == 0 || self.default_partitions > self.partitions_max {
+            return bad("default_partitions must be in 1..=partitions_max");
+        }
+        if self.request_bytes_max < self.batch_bytes_max as usize + 1024 {
+            return bad("request_bytes_max must exceed batch_bytes_max by at least 1 KiB");
+        }
+        if self.fetch_bytes_max == 0 || self.connections_max == 0 || self.subscriptions_max == 0 {
+            return bad("fetch_bytes_max, connections_max and subscriptions_max must be positive");
+        }
+        if self.retention_check_interval_ms == 0 {
+            return bad("retention_check_interval_ms must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_sets_fields_and_rejects_unknown_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("octolog.toml");
+        std::fs::write(&path, "fsync = \"always\"\nsegment_bytes = 4096\n").unwrap();
+        let config = BrokerConfig::from_file(&path).unwrap();
+        assert_eq!(config.flush_policy().unwrap(), FlushPolicy::Always);
+        assert_eq!(config.segment_bytes, 4096);
+        assert_eq!(config.listen, BrokerConfig::default().listen);
+
+        std::fs::write(&path, "fsink = \"always\"\n").unwrap();
+        let err = BrokerConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("fsink"), "{err}");
+        assert!(BrokerConfig::from_file(&dir.path().join("missing.toml")).is_err());
+    }
+
+    #[test]
+    fn validation_catches_bad_settings() {
+        assert!(BrokerConfig::default().validate().is_ok());
+        let bad = [
+            BrokerConfig {
+                fsync: "sometimes".into(),
+                ..BrokerConfig::default()
+            },
+            BrokerConfig {
+                segment_bytes: 1,
+                ..BrokerConfig::default()
+            },
+            BrokerConfig {
+                default_partitions: 0,
+                ..BrokerConfig::default()
+            },
+            BrokerConfig {
+                request_bytes_max: 10,
+                ..BrokerConfig::default()
+            },
+        ];
+        for config in bad {
+            assert!(config.validate().is_err(), "{config:?}");
+        }
+    }
+
+    #[test]
+    fn topic_overrides_and_minus_one_mean_forever() {
+        let config = BrokerConfig::default();
+        let log = config.log_config(Some(-1), Some(5000)).unwrap();
+        assert_eq!(log.retention_ms, None);
+        assert_eq!(log.retention_bytes, Some(5000));
+        let log = config.log_config(None, None).unwrap();
+        assert_eq!(log.retention_ms, Some(7 * 24 * 3600 * 1000));
+        assert_eq!(log.retention_bytes, None);
+    }
+}

@@ -1,0 +1,83 @@
+//! Errors of the broker's domain layer. The gRPC service maps them to status codes in one place
+//! (`service::status`), keeping the message intact.
+
+use std::path::PathBuf;
+
+use octolog_storage::StorageError;
+
+/// An operating error of the broker.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The topic does not exist.
+    #[error("unknown topic {topic:?}: create it first with `octolog topic create {topic}`")]
+    UnknownTopic {
+        /// The name asked for.
+        topic: String,
+    },
+    /// A topic of that name exists already.
+    #[error("topic {topic:?} already exists")]
+    TopicExists {
+        /// The name asked for.
+        topic: String,
+    },
+    /// The topic name breaks the naming rules.
+    #[error("invalid topic name {name:?}: {reason}")]
+    InvalidTopicName {
+        /// The name given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// The partition does not exist in the topic.
+    #[error(
+        "topic {topic:?} has no partition {partition}: it has partitions 0..{partition_count}"
+    )]
+    UnknownPartition {
+        /// The topic.
+        topic: String,
+        /// The partition asked for.
+        partition: u32,
+        /// How many partitions the topic has.
+        partition_count: u32,
+    },
+    /// The request is malformed or asks for something unsupported.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// A configured limit would be exceeded.
+    #[error("{what} exceeds the limit of {limit}")]
+    LimitExceeded {
+        /// What is too large or too many.
+        what: String,
+        /// The configured limit.
+        limit: u64,
+    },
+    /// The storage engine refused or failed.
+    #[error("topic {topic:?} partition {partition}: {source}")]
+    Storage {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// What the log said.
+        #[source]
+        source: StorageError,
+    },
+    /// Broker metadata on disk could not be read or written.
+    #[error("metadata error on {path}: {reason}")]
+    Metadata {
+        /// The file or folder concerned.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The broker is shutting down and takes no new work.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    /// A setting is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Result alias for the broker.
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;

@@ -1,0 +1,179 @@
+//! Serving the gRPC API on an already-bound listener until a shutdown future resolves.
+//!
+//! `run(listener, broker, shutdown)` is the entry point tests use with `127.0.0.1:0`. Shutdown
+//! (the future resolving, e.g. on SIGINT/SIGTERM): stop accepting, tell waiting fetches and
+//! subscriptions to end, let in-flight requests finish, then flush and close every log (writing
+//! their clean-shutdown markers).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use octolog_proto::v1::octolog_server::OctologServer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::broker::Broker;
+use crate::error::{BrokerError, Result};
+use crate::service::OctologService;
+
+/// How often the maintenance task looks for due flushes (`interval-ms` policy).
+pub const MAINTENANCE_TICK_MS: u64 = 50;
+/// How long to wait before accepting again after `accept` failed (e.g. out of file handles).
+const ACCEPT_RETRY_MS: u64 = 50;
+
+/// A client connection holding one of the `connections_max` permits until it closes.
+struct LimitedStream {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for LimitedStream {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts connections while fewer than `connections_max` are open; further clients wait in
+/// the listen backlog until one closes.
+fn incoming(
+    listener: TcpListener,
+    connections: Arc<Semaphore>,
+) -> impl futures_core::Stream<Item = io::Result<LimitedStream>> {
+    futures_util::stream::unfold(
+        (listener, connections),
+        |(listener, connections)| async move {
+            let permit = Arc::clone(&connections)
+                .acquire_owned()
+                .await
+                .expect("never closed");
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        tracing::debug!(%peer, "accepted connection");
+                        return Some((
+                            Ok(LimitedStream {
+                                stream,
+                                _permit: permit,
+                            }),
+                            (listener, connections),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Flushes due partitions every tick and applies retention every
+/// `retention_check_interval_ms`, on a blocking thread, until shutdown.
+async fn maintenance(broker: Arc<Broker>) {
+    let mut shutdown = broker.watch_shutdown();
+    let mut tick = tokio::time::interval(Duration::from_millis(MAINTENANCE_TICK_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let retention_every =
+        (broker.config().retention_check_interval_ms / MAINTENANCE_TICK_MS).max(1);
+    let mut round = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        round += 1;
+        let check_retention = round % retention_every == 0;
+        let b = Arc::clone(&broker);
+        if tokio::task::spawn_blocking(move || b.maintain(check_retention))
+            .await
+            .is_err()
+        {
+            tracing::error!("maintenance task failed");
+        }
+    }
+}
+
+/// Serves `broker` on `listener` until `shutdown` resolves, then shuts down gracefully.
+///
+/// # Errors
+///
+/// `Config` if the server fails; the first error closing the logs.
+pub async fn run(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let config = broker.config().clone();
+    let connections = Arc::new(Semaphore::new(config.connections_max));
+    let maintenance_task = tokio::spawn(maintenance(Arc::clone(&broker)));
+    let service = OctologServer::new(OctologService::new(Arc::clone(&broker)))
+        .max_decoding_message_size(config.request_bytes_max)
+        .max_encoding_message_size(config.fetch_bytes_max as usize + (1 << 20));
+    let signal_broker = Arc::clone(&broker);
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        signal_broker.begin_shutdown();
+    };
+    let served = tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming(listener, connections), signal)
+        .await;
+    broker.begin_shutdown();
+    let _ = maintenance_task.await;
+    let closing = Arc::clone(&broker);
+    let closed = tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .map_err(|e| BrokerError::Config(format!("closing task failed: {e}")))?;
+    served.map_err(|e| BrokerError::Config(format!("server failed: {e}")))?;
+    closed?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}

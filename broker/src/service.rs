@@ -1,0 +1,486 @@
+//! The gRPC service: translates `octolog.v1` protobuf messages to the broker's domain types and
+//! back. Protobuf types stop here. Domain errors become gRPC statuses in one place, [`status`],
+//! and per-partition error codes in one place, [`error_code`], with the domain message intact.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use octolog_batch::Offset;
+use octolog_proto::v1 as pb;
+use octolog_proto::v1::octolog_server::Octolog;
+use octolog_storage::{ReadBatches, StorageError};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::broker::{
+    Broker, FetchPartition, FetchRequest, OffsetSpec, ProduceRecord, TopicDescription,
+};
+use crate::error::BrokerError;
+
+/// Messages queued per push subscription before the subscription waits for the client (gRPC flow
+/// control does the rest).
+pub const SUBSCRIPTION_QUEUE_DEPTH: usize = 4;
+
+/// The gRPC status for a domain error.
+pub fn status(error: BrokerError) -> Status {
+    use tonic::Code;
+    let code = match &error {
+        BrokerError::UnknownTopic { .. } => Code::NotFound,
+        BrokerError::TopicExists { .. } => Code::AlreadyExists,
+        BrokerError::InvalidTopicName { .. }
+        | BrokerError::InvalidRequest(_)
+        | BrokerError::UnknownPartition { .. } => Code::InvalidArgument,
+        BrokerError::LimitExceeded { .. } => Code::ResourceExhausted,
+        BrokerError::ShuttingDown => Code::Unavailable,
+        BrokerError::Storage { source, .. } => match source {
+            StorageError::OffsetOutOfRange { .. } => Code::OutOfRange,
+            StorageError::InvalidBatch { .. }
+            | StorageError::BatchTooLarge { .. }
+            | StorageError::EmptyAppend => Code::InvalidArgument,
+            StorageError::Closed { .. } => Code::Unavailable,
+            StorageError::Corrupt { .. } => Code::DataLoss,
+            _ => Code::Internal,
+        },
+        _ => Code::Internal,
+    };
+    if code == Code::Internal || code == Code::DataLoss {
+        tracing::error!(error = %error, "request failed");
+    }
+    Status::new(code, error.to_string())
+}
+
+/// The per-partition error code for a domain error.
+pub fn error_code(error: &BrokerError) -> pb::ErrorCode {
+    match error {
+        BrokerError::UnknownTopic { .. } => pb::ErrorCode::UnknownTopic,
+        BrokerError::UnknownPartition { .. } => pb::ErrorCode::UnknownPartition,
+        BrokerError::Storage { source, .. } => match source {
+            StorageError::OffsetOutOfRange { .. } => pb::ErrorCode::OffsetOutOfRange,
+            StorageError::InvalidBatch { .. } | StorageError::EmptyAppend => {
+                pb::ErrorCode::InvalidBatch
+            }
+            StorageError::BatchTooLarge { .. } => pb::ErrorCode::BatchTooLarge,
+            _ => pb::ErrorCode::Storage,
+        },
+        _ => pb::ErrorCode::InvalidRequest,
+    }
+}
+
+fn describe(d: TopicDescription) -> pb::TopicDescription {
+    pb::TopicDescription {
+        name: d.spec.name,
+        config: Some(pb::TopicConfig {
+            retention_ms: d.spec.retention_ms,
+            retention_bytes: d.spec.retention_bytes,
+        }),
+        partitions: d
+            .partitions
+            .into_iter()
+            .map(|p| pb::PartitionDescription {
+                partition: p.partition,
+                log_start_offset: p.log_start_offset.0,
+                high_watermark: p.high_watermark.0,
+                log_end_offset: p.log_end_offset.0,
+                segments: p.segments,
+                size_bytes: p.size_bytes,
+            })
+            .collect(),
+    }
+}
+
+/// The answer for one partition: batches as they are, or decoded records from `from` on.
+fn partition_data(
+    partition: u32,
+    result: Result<ReadBatches, BrokerError>,
+    from: Offset,
+    format: pb::RecordFormat,
+) -> pb::PartitionData {
+    let read = match result {
+        Ok(read) => read,
+        Err(e) => {
+            return pb::PartitionData {
+                partition,
+                error_code: error_code(&e) as i32,
+                error_message: e.to_string(),
+                ..Default::default()
+            }
+        }
+    };
+    let mut data = pb::PartitionData {
+        partition,
+        high_watermark: read.high_watermark.0,
+        log_start_offset: read.log_start_offset.0,
+        ..Default::default()
+    };
+    match format {
+        pb::RecordFormat::Batches => data.batches = read.batches,
+        pb::RecordFormat::Records => match octolog_batch::decode_batches(&read.batches) {
+            Ok(records) => {
+                data.records = records
+                    .into_iter()
+                    .filter(|r| r.offset as u64 >= from.0)
+                    .map(|r| pb::Record {
+                        offset: r.offset as u64,
+                        timestamp_ms: Some(r.timestamp_ms),
+                        key: r.key,
+                        value: r.value,
+                        headers: r
+                            .headers
+                            .into_iter()
+                            .map(|h| pb::RecordHeader {
+                                key: h.key,
+                                value: h.value,
+                            })
+                            .collect(),
+                    })
+                    .collect();
+            }
+            Err(e) => {
+                data.error_code = pb::ErrorCode::Storage as i32;
+                data.error_message = format!("stored batch does not decode: {e}");
+            }
+        },
+    }
+    data
+}
+
+/// Where the next read of a partition starts after these batches.
+fn next_offset(batches: &Bytes, current: Offset) -> Offset {
+    octolog_batch::batches(batches)
+        .filter_map(|b| b.ok())
+        .last()
+        .map_or(current, |(h, _)| {
+            Offset((h.last_offset() as u64 + 1).max(current.0))
+        })
+}
+
+fn format_of(value: i32) -> Result<pb::RecordFormat, Status> {
+    pb::RecordFormat::try_from(value)
+        .map_err(|_| Status::invalid_argument(format!("unknown record format {value}")))
+}
+
+/// The `octolog.v1.Octolog` service over a [`Broker`].
+#[derive(Debug, Clone)]
+pub struct OctologService {
+    broker: Arc<Broker>,
+}
+
+impl OctologService {
+    /// Serves `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        OctologService { broker }
+    }
+
+    /// Runs blocking broker work (file operations) off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Broker) -> Result<T, BrokerError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let broker = Arc::clone(&self.broker);
+        tokio::task::spawn_blocking(move || work(&broker))
+            .await
+            .map_err(|e| Status::internal(format!("task failed: {e}")))?
+            .map_err(status)
+    }
+}
+
+#[tonic::async_trait]
+impl Octolog for OctologService {
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let r = request.into_inner();
+        let config = r.config.unwrap_or_default();
+        let partitions = (r.partitions > 0).then_some(r.partitions);
+        let description = self
+            .blocking(move |b| {
+                b.create_topic(
+                    &r.name,
+                    partitions,
+                    config.retention_ms,
+                    config.retention_bytes,
+                )
+            })
+            .await?;
+        Ok(Response::new(pb::CreateTopicResponse {
+            topic: Some(describe(description)),
+        }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        let name = request.into_inner().name;
+        self.blocking(move |b| b.delete_topic(&name)).await?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let topics = self
+            .broker
+            .list_topics()
+            .into_iter()
+            .map(|s| pb::TopicSummary {
+                name: s.name,
+                partition_count: s.partitions,
+            })
+            .collect();
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::TopicDescription>, Status> {
+        let description = self
+            .broker
+            .describe_topic(&request.into_inner().name)
+            .map_err(status)?;
+        Ok(Response::new(describe(description)))
+    }
+
+    async fn produce(
+        &self,
+        request: Request<pb::ProduceRequest>,
+    ) -> Result<Response<pb::ProduceResponse>, Status> {
+        let r = request.into_inner();
+        let records = r
+            .records
+            .into_iter()
+            .map(|rec| ProduceRecord {
+                key: rec.key,
+                value: rec.value,
+                headers: rec.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+                timestamp_ms: rec.timestamp_ms.filter(|&t| t != 0),
+            })
+            .collect();
+        let acks = self
+            .broker
+            .produce_records(&r.topic, r.partition, records)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ProduceResponse {
+            acks: acks
+                .into_iter()
+                .map(|(partition, offset)| pb::RecordAck {
+                    partition,
+                    offset: offset.0,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn produce_batches(
+        &self,
+        request: Request<pb::ProduceBatchesRequest>,
+    ) -> Result<Response<pb::ProduceBatchesResponse>, Status> {
+        let r = request.into_inner();
+        // An unknown topic fails the whole request; everything else is per partition.
+        self.broker.topic(&r.topic).map_err(status)?;
+        let mut results = Vec::with_capacity(r.partitions.len());
+        for p in r.partitions {
+            // The log rewrites base offsets in place: take the buffer if we own it, else copy.
+            let batches = p
+                .batches
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+            let result = match self
+                .broker
+                .produce_batches(&r.topic, p.partition, batches)
+                .await
+            {
+                Ok(info) => pb::PartitionProduceResult {
+                    partition: p.partition,
+                    base_offset: info.first_offset.0,
+                    log_end_offset: info.log_end_offset.0,
+                    ..Default::default()
+                },
+                Err(BrokerError::ShuttingDown) => return Err(status(BrokerError::ShuttingDown)),
+                Err(e) => pb::PartitionProduceResult {
+                    partition: p.partition,
+                    error_code: error_code(&e) as i32,
+                    error_message: e.to_string(),
+                    ..Default::default()
+                },
+            };
+            results.push(result);
+        }
+        Ok(Response::new(pb::ProduceBatchesResponse {
+            partitions: results,
+        }))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchResponse>, Status> {
+        let r = request.into_inner();
+        let format = format_of(r.format)?;
+        let partitions: Vec<FetchPartition> = r
+            .partitions
+            .iter()
+            .map(|p| FetchPartition {
+                partition: p.partition,
+                offset: Offset(p.offset),
+                bytes_max: p.max_bytes,
+            })
+            .collect();
+        let answers = self
+            .broker
+            .fetch(FetchRequest {
+                topic: r.topic,
+                partitions: partitions.clone(),
+                max_wait_ms: r.max_wait_ms,
+                min_bytes: r.min_bytes,
+                max_bytes: r.max_bytes,
+            })
+            .await
+            .map_err(status)?;
+        let partitions = answers
+            .into_iter()
+            .zip(&partitions)
+            .map(|(answer, asked)| {
+                partition_data(answer.partition, answer.result, asked.offset, format)
+            })
+            .collect();
+        Ok(Response::new(pb::FetchResponse { partitions }))
+    }
+
+    async fn list_offsets(
+        &self,
+        request: Request<pb::ListOffsetsRequest>,
+    ) -> Result<Response<pb::ListOffsetsResponse>, Status> {
+        let r = request.into_inner();
+        self.broker.topic(&r.topic).map_err(status)?;
+        let mut offsets = Vec::with_capacity(r.queries.len());
+        for q in r.queries {
+            let spec = match q.position {
+                Some(pb::offset_query::Position::Earliest(_)) => OffsetSpec::Earliest,
+                Some(pb::offset_query::Position::Latest(_)) => OffsetSpec::Latest,
+                Some(pb::offset_query::Position::TimestampMs(t)) => OffsetSpec::Timestamp(t),
+                None => {
+                    return Err(Status::invalid_argument(
+                        "an offset query needs earliest, latest or timestamp_ms",
+                    ))
+                }
+            };
+            offsets.push(match self.broker.list_offset(&r.topic, q.partition, spec) {
+                Ok(offset) => pb::PartitionOffset {
+                    partition: q.partition,
+                    offset: offset.0,
+                    timestamp_ms: -1,
+                    ..Default::default()
+                },
+                Err(e) => pb::PartitionOffset {
+                    partition: q.partition,
+                    timestamp_ms: -1,
+                    error_code: error_code(&e) as i32,
+                    error_message: e.to_string(),
+                    ..Default::default()
+                },
+            });
+        }
+        Ok(Response::new(pb::ListOffsetsResponse { offsets }))
+    }
+
+    type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let r = request.into_inner();
+        let format = format_of(r.format)?;
+        let topic = self.broker.topic(&r.topic).map_err(status)?;
+        if r.partitions.is_empty() {
+            return Err(Status::invalid_argument(
+                "a subscription needs at least one partition",
+            ));
+        }
+        let mut positions = Vec::with_capacity(r.partitions.len());
+        for p in &r.partitions {
+            positions.push((
+                Arc::clone(topic.partition(p.partition).map_err(status)?),
+                Offset(p.offset),
+            ));
+        }
+        let permit = self.broker.subscription_permit().map_err(status)?;
+        let bytes_max = match r.max_bytes {
+            0 => self.broker.config().fetch_bytes_max,
+            n => n.min(self.broker.config().fetch_bytes_max),
+        } as usize;
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_QUEUE_DEPTH);
+        let mut shutdown = self.broker.watch_shutdown();
+        let broker = Arc::clone(&self.broker);
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut appended = topic.watch_appends();
+            loop {
+                appended.borrow_and_update();
+                let mut sent = false;
+                // A partition that fails is reported once and no longer followed.
+                let mut failed_partitions = Vec::new();
+                for (index, (partition, position)) in positions.iter_mut().enumerate() {
+                    let result = partition.read(*position, bytes_max);
+                    let failed = result.is_err();
+                    let has_data = result.as_ref().is_ok_and(|read| !read.batches.is_empty());
+                    if !(failed || has_data) {
+                        continue;
+                    }
+                    let data = partition_data(partition.id(), result, *position, format);
+                    *position = next_offset(&data.batches, *position);
+                    if let Some(last) = data.records.last() {
+                        *position = Offset(position.0.max(last.offset + 1));
+                    }
+                    if tx
+                        .send(Ok(pb::SubscribeResponse { data: Some(data) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if failed {
+                        failed_partitions.push(index);
+                    }
+                    sent = true;
+                }
+                for index in failed_partitions.into_iter().rev() {
+                    positions.remove(index);
+                }
+                if positions.is_empty() {
+                    return;
+                }
+                if !sent {
+                    tokio::select! {
+                        changed = appended.changed() => if changed.is_err() { return },
+                        _ = shutdown.changed() => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+                if *shutdown.borrow() {
+                    let _ = tx
+                        .send(Err(Status::unavailable("the broker is shutting down")))
+                        .await;
+                    return;
+                }
+                if !broker
+                    .topic(topic.name())
+                    .is_ok_and(|current| Arc::ptr_eq(&current, &topic))
+                {
+                    let gone = BrokerError::UnknownTopic {
+                        topic: topic.name().to_string(),
+                    };
+                    let _ = tx.send(Err(status(gone))).await;
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

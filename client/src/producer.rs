@@ -1,0 +1,611 @@
+//! The producer: batches records per partition and sends the batches with the fast produce path.
+//!
+//! `send` encodes a record straight into its partition's open batch (a [`BatchBuilder`], no
+//! per-record allocation beyond the caller's buffers) and returns a [`Delivery`], a future that
+//! resolves to the record's offset once the broker has acknowledged its batch. A background
+//! sender task closes a batch when it reaches `batch_bytes` or has lingered `linger`, and sends
+//! it. Each partition has at most one request in flight, so records of a partition are appended
+//! in the order they were sent; different partitions are sent concurrently (pipelining).
+//!
+//! Memory is bounded: `send` first reserves the record's size from a `buffer_bytes` budget and
+//! waits when it is spent (back-pressure); the budget comes back when the batch is acknowledged.
+//!
+//! Batch state machine, per partition:
+//! - *open*: takes records; closed when full, when it has lingered, on `flush`, or on close.
+//! - *ready*: closed, queued behind the partition's request in flight.
+//! - *in flight*: sent; on the broker's answer every record's `Delivery` resolves, and the next
+//!   ready batches of the partition go out.
+//!
+//! Thread-safety: `Producer` is `Clone + Send + Sync`; clones share the batches and the sender.
+//! Dropping the last clone lets the sender send what is pending and stop; it never blocks.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use octolog_batch::{BatchBuilder, Offset};
+use octolog_proto::v1 as pb;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+
+use crate::error::{ClientError, Result};
+use crate::partitioner::partition_for_key;
+use crate::Client;
+
+/// Largest `buffer_bytes`: permits of a tokio semaphore are counted in `u32` per acquisition.
+const BUFFER_BYTES_MAX: usize = u32::MAX as usize;
+/// Most bytes of batches one produce request carries for a partition.
+const REQUEST_BYTES_MAX: usize = 8 << 20;
+
+/// A record to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducerRecord {
+    topic: String,
+    partition: Option<u32>,
+    key: Option<Bytes>,
+    value: Option<Bytes>,
+    headers: Vec<(String, Option<Bytes>)>,
+    timestamp_ms: Option<i64>,
+}
+
+impl ProducerRecord {
+    /// A record for `topic` with this value, no key, no headers, the current time.
+    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        ProducerRecord {
+            topic: topic.into(),
+            partition: None,
+            key: None,
+            value: Some(value.into()),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        }
+    }
+
+    /// Sets the key; records with the same key go to the same partition. Default: no key
+    /// (spread over partitions).
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Sends to this partition instead of choosing by key. Default: chosen by key.
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Adds a header. Default: none.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push((key.into(), Some(value.into())));
+        self
+    }
+
+    /// Sets the timestamp in ms since the epoch. Default: the time of `send`.
+    pub fn timestamp_ms(mut self, timestamp_ms: i64) -> Self {
+        self.timestamp_ms = Some(timestamp_ms);
+        self
+    }
+
+    /// A tombstone: the value is null. Default: the value given to `new`.
+    pub fn null_value(mut self) -> Self {
+        self.value = None;
+        self
+    }
+
+    fn size_bytes(&self) -> usize {
+        let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| 10 + k.len() + len(v))
+            .sum();
+        // An upper bound of the record's encoded size (varints at their widest).
+        36 + len(&self.key) + len(&self.value) + headers
+    }
+}
+
+/// Where a record was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMetadata {
+    partition: u32,
+    offset: Offset,
+}
+
+impl RecordMetadata {
+    /// The partition the record went to.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+    /// The offset it got.
+    pub fn offset(&self) -> Offset {
+        self.offset
+    }
+}
+
+/// The outcome of one batch, shared by the deliveries of its records.
+#[derive(Debug, Default)]
+struct BatchAck {
+    /// (partition, base offset) once acknowledged, or the error.
+    result: OnceLock<Result<(u32, u64)>>,
+    /// Woken when `result` is set.
+    done: Notify,
+}
+
+impl BatchAck {
+    fn complete(&self, result: Result<(u32, u64)>) {
+        let _ = self.result.set(result);
+        self.done.notify_waiters();
+    }
+}
+
+/// The pending acknowledgement of one sent record; `.await` it for the record's offset.
+#[derive(Debug)]
+#[must_use = "a Delivery does nothing unless awaited; drop it to ignore the outcome"]
+pub struct Delivery {
+    ack: Arc<BatchAck>,
+    /// The record's position in its batch.
+    index: u32,
+}
+
+impl IntoFuture for Delivery {
+    type Output = Result<RecordMetadata>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            loop {
+                let notified = self.ack.done.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if let Some(result) = self.ack.result.get() {
+                    return result.clone().map(|(partition, base)| RecordMetadata {
+                        partition,
+                        offset: Offset(base + u64::from(self.index)),
+                    });
+                }
+                notified.await;
+            }
+        })
+    }
+}
+
+/// Settings of a [`Producer`].
+#[derive(Debug, Clone)]
+pub struct ProducerBuilder {
+    client: Client,
+    linger: Duration,
+    batch_bytes: usize,
+    buffer_bytes: usize,
+}
+
+impl ProducerBuilder {
+    pub(crate) fn new(client: Client) -> Self {
+        ProducerBuilder {
+            client,
+            linger: Duration::from_millis(5),
+            batch_bytes: 256 << 10,
+            buffer_bytes: 64 << 20,
+        }
+    }
+
+    /// How long a batch waits for more records before it is sent. Default 5 ms.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Size at which a batch is closed and sent. Default 256 KiB. Keep it below the broker's
+    /// `batch_bytes_max` (1 MiB by default).
+    pub fn batch_bytes(mut self, batch_bytes: usize) -> Self {
+        self.batch_bytes = batch_bytes;
+        self
+    }
+
+    /// Most bytes of records buffered and in flight; `send` waits when they are spent.
+    /// Default 64 MiB.
+    pub fn buffer_bytes(mut self, buffer_bytes: usize) -> Self {
+        self.buffer_bytes = buffer_bytes;
+        self
+    }
+
+    /// Starts the producer's sender task on the current tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidArgument`] for a zero or oversized setting.
+    pub async fn build(self) -> Result<Producer> {
+        if self.batch_bytes == 0 || self.buffer_bytes == 0 || self.buffer_bytes > BUFFER_BYTES_MAX {
+            return Err(ClientError::InvalidArgument(format!(
+                "batch_bytes and buffer_bytes must be in 1..={BUFFER_BYTES_MAX}"
+            )));
+        }
+        let shared = Arc::new(Shared {
+            client: self.client,
+            linger: self.linger,
+            batch_bytes: self.batch_bytes,
+            buffer: Arc::new(Semaphore::new(self.buffer_bytes)),
+            buffer_bytes: self.buffer_bytes,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            idle: Notify::new(),
+            closed: AtomicBool::new(false),
+            partition_counts: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(sender(Arc::clone(&shared)));
+        Ok(Producer {
+            guard: Arc::new(Guard(Arc::clone(&shared))),
+            shared,
+        })
+    }
+}
+
+/// An open batch of one partition.
+#[derive(Debug)]
+struct OpenBatch {
+    builder: BatchBuilder,
+    ack: Arc<BatchAck>,
+    opened: Instant,
+    reserved_bytes: usize,
+}
+
+/// A closed batch waiting for or in a request.
+#[derive(Debug)]
+struct ReadyBatch {
+    bytes: BytesMut,
+    ack: Arc<BatchAck>,
+    reserved_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct PartitionQueue {
+    open: Option<OpenBatch>,
+    ready: VecDeque<ReadyBatch>,
+    in_flight: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Batches per (topic, partition).
+    queues: HashMap<(Arc<str>, u32), PartitionQueue>,
+    /// Batches open, ready or in flight; `flush` waits for 0.
+    outstanding: usize,
+    /// `flush` calls in progress: while > 0, open batches are closed at once.
+    flushing: usize,
+    /// Per topic, the partition keyless records go to until its batch is closed (Kafka's
+    /// sticky partitioner: fuller batches than round-robin per record).
+    sticky: HashMap<Arc<str>, u32>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    client: Client,
+    linger: Duration,
+    batch_bytes: usize,
+    /// Bytes of records buffered or in flight.
+    buffer: Arc<Semaphore>,
+    buffer_bytes: usize,
+    state: Mutex<State>,
+    /// Wakes the sender: a batch closed, a request finished, flush or close.
+    wake: Notify,
+    /// Woken when `outstanding` drops to 0.
+    idle: Notify,
+    /// Set when the last handle is dropped or `close` is called.
+    closed: AtomicBool,
+    /// Partition count per topic, learnt on first use.
+    partition_counts: Mutex<HashMap<String, u32>>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Stops the sender when the last `Producer` clone is dropped.
+#[derive(Debug)]
+struct Guard(Arc<Shared>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.wake.notify_one();
+    }
+}
+
+/// A batching, pipelining producer. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    shared: Arc<Shared>,
+    guard: Arc<Guard>,
+}
+
+impl Producer {
+    /// Queues a record, waiting while the buffer is full, and returns its pending delivery.
+    ///
+    /// # Errors
+    ///
+    /// Unknown topic or partition, a record larger than `buffer_bytes`, or [`ClientError::Closed`].
+    pub async fn send(&self, record: ProducerRecord) -> Result<Delivery> {
+        let shared = &self.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(ClientError::Closed);
+        }
+        let count = self.partition_count(&record.topic).await?;
+        if let Some(p) = record.partition {
+            if p >= count {
+                return Err(ClientError::InvalidArgument(format!(
+                    "topic {:?} has partitions 0..{count}, not {p}",
+                    record.topic
+                )));
+            }
+        }
+        let size = record.size_bytes();
+        if size > shared.buffer_bytes {
+            return Err(ClientError::InvalidArgument(format!(
+                "record of {size} bytes exceeds buffer_bytes ({})",
+                shared.buffer_bytes
+            )));
+        }
+        let permit = Arc::clone(&shared.buffer)
+            .acquire_many_owned(size as u32)
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        permit.forget();
+        let timestamp = record.timestamp_ms.unwrap_or_else(now_ms);
+        let mut guard = shared.lock();
+        let state = &mut *guard;
+        let topic: Arc<str> = match state.queues.keys().find(|(t, _)| **t == *record.topic) {
+            Some((t, _)) => Arc::clone(t),
+            None => Arc::from(record.topic.as_str()),
+        };
+        let partition = match (record.partition, &record.key) {
+            (Some(p), _) => p,
+            (None, Some(key)) => partition_for_key(key, count),
+            (None, None) => *state
+                .sticky
+                .entry(Arc::clone(&topic))
+                .or_insert_with(|| (now_ms() as u32) % count),
+        };
+        let batch_bytes = shared.batch_bytes;
+        let queue = state
+            .queues
+            .entry((Arc::clone(&topic), partition))
+            .or_default();
+        if queue.open.is_none() {
+            queue.open = Some(OpenBatch {
+                builder: BatchBuilder::with_capacity(batch_bytes.min(1 << 20)),
+                ack: Arc::new(BatchAck::default()),
+                opened: Instant::now(),
+                reserved_bytes: 0,
+            });
+            state.outstanding += 1;
+        }
+        let open = queue.open.as_mut().expect("just ensured");
+        let headers: Vec<(&str, Option<&[u8]>)> = record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        open.builder.push(
+            timestamp,
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &headers,
+        );
+        open.reserved_bytes += size;
+        let delivery = Delivery {
+            ack: Arc::clone(&open.ack),
+            index: (open.builder.record_count() - 1) as u32,
+        };
+        if open.builder.size_bytes() >= batch_bytes {
+            close_open_batch(queue);
+            if record.partition.is_none() && record.key.is_none() {
+                state
+                    .sticky
+                    .insert(Arc::clone(&topic), (partition + 1) % count);
+            }
+            drop(guard);
+            shared.wake.notify_one();
+        }
+        Ok(delivery)
+    }
+
+    /// Sends every buffered record now and waits until all sent records are acknowledged (or
+    /// failed; their deliveries say which).
+    pub async fn flush(&self) {
+        let shared = &self.shared;
+        shared.lock().flushing += 1;
+        shared.wake.notify_one();
+        loop {
+            let idle = shared.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if shared.lock().outstanding == 0 {
+                break;
+            }
+            idle.await;
+        }
+        shared.lock().flushing -= 1;
+    }
+
+    /// Flushes, then stops the sender; later sends fail with [`ClientError::Closed`].
+    pub async fn close(&self) {
+        self.flush().await;
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        let _ = &self.guard;
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<u32> {
+        if let Some(&n) = self
+            .shared
+            .partition_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(topic)
+        {
+            return Ok(n);
+        }
+        let info = self.shared.client.admin().describe_topic(topic).await?;
+        let n = info.partitions().len() as u32;
+        if n == 0 {
+            return Err(ClientError::InvalidArgument(format!(
+                "topic {topic:?} has no partitions"
+            )));
+        }
+        self.shared
+            .partition_counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_string(), n);
+        Ok(n)
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Moves the open batch of `queue` to its ready list.
+fn close_open_batch(queue: &mut PartitionQueue) {
+    if let Some(mut open) = queue.open.take() {
+        queue.ready.push_back(ReadyBatch {
+            bytes: open.builder.finish(),
+            ack: open.ack,
+            reserved_bytes: open.reserved_bytes,
+        });
+    }
+}
+
+/// One produce request's worth of batches of one partition.
+struct Dispatch {
+    topic: Arc<str>,
+    partition: u32,
+    batches: Vec<ReadyBatch>,
+}
+
+/// The sender task: closes lingering batches and sends ready ones, one request in flight per
+/// partition. Ends when the producer is closed and nothing is outstanding.
+async fn sender(shared: Arc<Shared>) {
+    loop {
+        let wake = shared.wake.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        let mut dispatches = Vec::new();
+        let mut next_deadline: Option<Instant> = None;
+        let finished = {
+            let mut state = shared.lock();
+            let closing = shared.closed.load(Ordering::Acquire);
+            let close_all = state.flushing > 0 || closing;
+            let now = Instant::now();
+            for ((topic, partition), queue) in state.queues.iter_mut() {
+                if let Some(open) = &queue.open {
+                    let deadline = open.opened + shared.linger;
+                    if close_all || deadline <= now {
+                        close_open_batch(queue);
+                    } else {
+                        next_deadline =
+                            Some(next_deadline.map_or(deadline, |d: Instant| d.min(deadline)));
+                    }
+                }
+                if !queue.in_flight && !queue.ready.is_empty() {
+                    let mut batches = Vec::new();
+                    let mut bytes = 0;
+                    while let Some(batch) = queue.ready.front() {
+                        if !batches.is_empty() && bytes + batch.bytes.len() > REQUEST_BYTES_MAX {
+                            break;
+                        }
+                        bytes += batch.bytes.len();
+                        batches.push(queue.ready.pop_front().expect("front exists"));
+                    }
+                    queue.in_flight = true;
+                    dispatches.push(Dispatch {
+                        topic: Arc::clone(topic),
+                        partition: *partition,
+                        batches,
+                    });
+                }
+            }
+            closing && state.outstanding == 0
+        };
+        for dispatch in dispatches {
+            tokio::spawn(send_request(Arc::clone(&shared), dispatch));
+        }
+        if finished {
+            return;
+        }
+        match next_deadline {
+            Some(deadline) => {
+                tokio::select! {
+                    _ = &mut wake => {}
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
+            }
+            None => wake.await,
+        }
+    }
+}
+
+/// Sends one partition's batches and completes their deliveries.
+async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
+    let Dispatch {
+        topic,
+        partition,
+        batches,
+    } = dispatch;
+    let mut payload = BytesMut::with_capacity(batches.iter().map(|b| b.bytes.len()).sum());
+    for batch in &batches {
+        payload.extend_from_slice(&batch.bytes);
+    }
+    let request = pb::ProduceBatchesRequest {
+        topic: topic.to_string(),
+        partitions: vec![pb::PartitionBatches {
+            partition,
+            batches: payload.freeze(),
+        }],
+    };
+    let result = shared.client.rpc().produce_batches(request).await;
+    let outcome: Result<u64> = match result {
+        Ok(response) => match response.into_inner().partitions.into_iter().next() {
+            Some(p) => {
+                crate::check_partition_error(&topic, partition, p.error_code, &p.error_message)
+                    .map(|()| p.base_offset)
+            }
+            None => Err(ClientError::Broker {
+                code: tonic::Code::Internal,
+                message: "the broker answered a produce request with no partition".into(),
+            }),
+        },
+        Err(status) => Err(status.into()),
+    };
+    let mut base = outcome.as_ref().map(|&b| b).unwrap_or(0);
+    let mut released = 0usize;
+    for batch in &batches {
+        let records =
+            octolog_batch::BatchHeader::parse(&batch.bytes).map_or(0, |h| h.record_count as u64);
+        batch
+            .ack
+            .complete(outcome.clone().map(|_| (partition, base)));
+        base += records;
+        released += batch.reserved_bytes;
+    }
+    shared.buffer.add_permits(released);
+    let idle = {
+        let mut state = shared.lock();
+        if let Some(queue) = state.queues.get_mut(&(Arc::clone(&topic), partition)) {
+            queue.in_flight = false;
+        }
+        state.outstanding -= batches.len();
+        state.outstanding == 0
+    };
+    if idle {
+        shared.idle.notify_waiters();
+    }
+    shared.wake.notify_one();
+}
