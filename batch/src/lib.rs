@@ -82,4 +82,4 @@ pub use header::{
     PRODUCER_ID_POSITION, RECORDS_POSITION, RECORD_COUNT_POSITION,
 };
 pub use offset::Offset;
-pub use record::{decode_batch, decode_batches, Header, Record};
+pub use record::{decode_batch, decode_batches, validate_batch, Header, Record};

@@ -100,6 +100,112 @@ pub fn decode_batches(buf: &Bytes) -> Result<Vec<Record>, BatchError> {
     Ok(records)
 }
 
+/// Checks the batch at the start of `batch` in full without allocating: its header and CRC
+/// (`BatchHeader::parse_verified`) and, for uncompressed batches, every record's framing, that
+/// offset deltas run 0, 1, 2, ..., that the records fill the batch exactly, that header keys are
+/// UTF-8, and that the header's `max_timestamp` is the greatest record timestamp (create-time
+/// batches). This is what a broker checks before it appends a producer's batch. Compressed
+/// batches are checked as far as their header and CRC.
+///
+/// # Errors
+///
+/// As `decode_batch`, and `RecordMalformed` with reason "max_timestamp does not match the
+/// records" for a lying header.
+pub fn validate_batch(batch: &[u8]) -> Result<BatchHeader, BatchError> {
+    let header = BatchHeader::parse_verified(batch)?;
+    if header.compression() != Compression::None {
+        return Ok(header);
+    }
+    let end = header.size();
+    let record_count = usize::try_from(header.record_count).expect("parse checks record_count");
+    let mut position = BATCH_HEADER_BYTES;
+    let mut max_timestamp = i64::MIN;
+    for index in 0..record_count {
+        let malformed = |reason| BatchError::RecordMalformed { index, reason };
+        if position == end {
+            return Err(malformed("batch ends before its record count is reached"));
+        }
+        let timestamp_delta =
+            walk_record(&batch[..end], &mut position, index).map_err(malformed)?;
+        max_timestamp = max_timestamp.max(header.base_timestamp.wrapping_add(timestamp_delta));
+    }
+    if position != end {
+        return Err(BatchError::RecordMalformed {
+            index: record_count,
+            reason: "bytes after the last record of the batch",
+        });
+    }
+    if !header.is_log_append_time() && max_timestamp != header.max_timestamp {
+        return Err(BatchError::RecordMalformed {
+            index: record_count,
+            reason: "max_timestamp does not match the records",
+        });
+    }
+    Ok(header)
+}
+
+/// Skips one length-prefixed field (length -1 is null where `nullable`) and returns its range.
+fn skip_field(
+    record: &[u8],
+    position: &mut usize,
+    nullable: bool,
+    what: &'static str,
+) -> Result<Range<usize>, &'static str> {
+    let length = read_varint(record, position)?;
+    if nullable && length == -1 {
+        return Ok(*position..*position);
+    }
+    let length = usize::try_from(length).map_err(|_| what)?;
+    if record.len() - *position < length {
+        return Err(what);
+    }
+    *position += length;
+    Ok(*position - length..*position)
+}
+
+/// Walks the `index`-th record at `position` in `buf` (which ends where the batch ends) and
+/// returns its timestamp delta; `position` moves past the record.
+fn walk_record(buf: &[u8], position: &mut usize, index: usize) -> Result<i64, &'static str> {
+    let length = read_varint(buf, position)?;
+    let length = usize::try_from(length).map_err(|_| "record length is negative")?;
+    if buf.len() - *position < length {
+        return Err("record length goes beyond the batch");
+    }
+    let record = &buf[..*position + length];
+    if *position == record.len() {
+        return Err("record ends before its attributes");
+    }
+    *position += 1;
+    let timestamp_delta = read_varlong(record, position)?;
+    let offset_delta = read_varint(record, position)?;
+    if usize::try_from(offset_delta) != Ok(index) {
+        return Err("offset delta does not match the record's index in the batch");
+    }
+    skip_field(record, position, true, "key goes beyond the record")?;
+    skip_field(record, position, true, "value goes beyond the record")?;
+    let header_count = read_varint(record, position)?;
+    let header_count = usize::try_from(header_count).map_err(|_| "header count is negative")?;
+    for _ in 0..header_count {
+        let key = skip_field(
+            record,
+            position,
+            false,
+            "header key is null or goes beyond the record",
+        )?;
+        std::str::from_utf8(&record[key]).map_err(|_| "header key is not valid utf-8")?;
+        skip_field(
+            record,
+            position,
+            true,
+            "header value goes beyond the record",
+        )?;
+    }
+    if *position != record.len() {
+        return Err("bytes after the last field of the record");
+    }
+    Ok(timestamp_delta)
+}
+
 /// Appends the records of `batch`, whose header `parse_verified` returned, to `records`.
 fn decode_records(
     batch: &Bytes,
@@ -318,6 +424,14 @@ mod tests {
         let decoded = decode_batch(&batch).map(|(_, records)| records);
         assert_eq!(decoded, expected, "{name}");
         assert_eq!(decode_batches(&batch), expected, "{name}: decode_batches");
+        // The allocation-free validator agrees on what is malformed.
+        if let Err(BatchError::RecordMalformed { index, .. }) = &expected {
+            let got = validate_batch(&batch);
+            assert!(
+                matches!(got, Err(BatchError::RecordMalformed { index: i, .. }) if i == *index),
+                "{name}: validate_batch gave {got:?}"
+            );
+        }
     }
 
     fn malformed(index: usize, reason: &'static str) -> Result<Vec<Record>, BatchError> {
@@ -635,6 +749,39 @@ mod tests {
         assert!(matches!(
             decode_batches(&cut),
             Err(BatchError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn validate_batch_accepts_built_batches_and_catches_lying_headers() {
+        let mut builder = BatchBuilder::new();
+        builder.push(1_000, Some(b"k"), Some(b"v"), &[("h", Some(b"x"))]);
+        builder.push(900, None, None, &[]);
+        let good = builder.finish().freeze();
+        assert_eq!(validate_batch(&good).unwrap().record_count, 2);
+
+        // A max_timestamp that is not the records' greatest, with a recomputed CRC.
+        let mut lying = BytesMut::from(&good[..]);
+        lying[35..43].copy_from_slice(&5_000i64.to_be_bytes());
+        let crc = compute_crc(&lying);
+        lying[CRC_POSITION..ATTRIBUTES_POSITION].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(
+            validate_batch(&lying),
+            Err(BatchError::RecordMalformed {
+                reason: "max_timestamp does not match the records",
+                ..
+            })
+        ));
+
+        // A header claiming more records than the batch holds.
+        let mut many = BytesMut::from(&good[..]);
+        many[23..27].copy_from_slice(&99i32.to_be_bytes());
+        many[57..61].copy_from_slice(&100i32.to_be_bytes());
+        let crc = compute_crc(&many);
+        many[CRC_POSITION..ATTRIBUTES_POSITION].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(
+            validate_batch(&many),
+            Err(BatchError::RecordMalformed { index: 2, .. })
         ));
     }
 }

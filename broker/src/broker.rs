@@ -440,6 +440,7 @@ impl Broker {
                         let log = partition.log();
                         return Ok(ReadBatches {
                             batches: Bytes::new(),
+                            next_offset: p.offset,
                             high_watermark: log.high_watermark(),
                             log_start_offset: log.log_start_offset(),
                         });

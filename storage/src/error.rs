@@ -16,7 +16,7 @@ use octolog_batch::{BatchError, Offset};
 pub enum StorageError {
     /// A read or a truncation named an offset the log does not hold.
     #[error(
-        "offset {offset} is out of range: the log holds offsets [{log_start_offset}, {log_end_offset})"
+        "offset {offset} is out of range: the log holds offsets [{log_start_offset}, {log_end_offset}), so reads start from {log_start_offset} to {log_end_offset}"
     )]
     OffsetOutOfRange {
         /// The offset that was asked for.
@@ -67,6 +67,13 @@ pub enum StorageError {
         /// The underlying error.
         #[source]
         source: io::Error,
+    },
+    /// An earlier write or fsync failed; the log takes no more writes until it is reopened,
+    /// which recovers it.
+    #[error("the log at {path} stopped taking writes after an i/o error: restart to recover it")]
+    Failed {
+        /// The log's folder.
+        path: PathBuf,
     },
     /// The log was closed; it takes no more appends.
     #[error("the log at {path} is closed")]

@@ -43,7 +43,7 @@ struct MappedIndex {
     path: PathBuf,
     /// Kept open so the file can be trimmed, synced and grown.
     file: File,
-    /// The mapping; `capacity * entry_bytes` bytes are backed by the file.
+    /// Read-only mapping; `capacity * entry_bytes` bytes are backed by the file.
     map: MmapRaw,
     /// Bytes per entry.
     entry_bytes: usize,
@@ -113,7 +113,7 @@ impl MappedIndex {
         // touched because reads stop at `count` and writes at `capacity`.
         let map = MmapOptions::new()
             .len(bytes.max(entry_bytes))
-            .map_raw(&file)
+            .map_raw_read_only(&file)
             .map_err(io_err(path))?;
         Ok(MappedIndex {
             path: path.to_path_buf(),
@@ -153,20 +153,21 @@ impl MappedIndex {
     }
 
     /// Appends one entry. Only the log's single writer calls this.
-    fn push(&self, bytes: &[u8]) {
+    ///
+    /// The entry is written with `pwrite`, not through the map: the pre-allocated file is
+    /// sparse, and a store into a hole page that the file system cannot back (disk full) would
+    /// raise SIGBUS, where `pwrite` returns an error. The shared map sees the written bytes.
+    fn push(&self, bytes: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
         assert!(bytes.len() == self.entry_bytes);
         let count = self.count.load(Ordering::Relaxed) as usize;
         assert!(count < self.capacity.load(Ordering::Relaxed) as usize);
-        // SAFETY: slot `count` lies inside the mapping and the file (`count < capacity`). No
-        // reader reads it before `count` is bumped below, and there is one writer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.map.as_mut_ptr().add(count * self.entry_bytes),
-                self.entry_bytes,
-            );
-        }
+        // No reader reads slot `count` before `count` is bumped below, and there is one writer.
+        self.file
+            .write_all_at(bytes, (count * self.entry_bytes) as u64)
+            .map_err(io_err(&self.path))?;
         self.count.store(count as u32 + 1, Ordering::Release);
+        Ok(())
     }
 
     /// Cuts the pre-allocated room off the file; the index takes no more entries afterwards.
@@ -268,7 +269,7 @@ impl OffsetIndex {
     }
 
     /// Records that the batch starting at `offset` sits at `position`.
-    pub(crate) fn append(&self, offset: u64, position: u32) {
+    pub(crate) fn append(&self, offset: u64, position: u32) -> Result<()> {
         assert!(self.base_offset < offset);
         assert!(0 < position);
         let relative_offset = u32::try_from(offset - self.base_offset).expect("roll bounds it");
@@ -280,7 +281,7 @@ impl OffsetIndex {
         let mut bytes = [0u8; OFFSET_ENTRY_BYTES];
         bytes[..4].copy_from_slice(&relative_offset.to_be_bytes());
         bytes[4..].copy_from_slice(&position.to_be_bytes());
-        self.inner.push(&bytes);
+        self.inner.push(&bytes)
     }
 
     /// The greatest entry whose offset is <= `target`, as (offset, position); the segment's
@@ -388,7 +389,7 @@ impl TimeIndex {
     }
 
     /// Records that every record up to `offset` has a timestamp <= `timestamp`.
-    pub(crate) fn append(&self, timestamp: i64, offset: u64) {
+    pub(crate) fn append(&self, timestamp: i64, offset: u64) -> Result<()> {
         assert!(self.base_offset <= offset);
         if let Some((last_timestamp, last_offset)) = self.last_entry() {
             assert!(last_timestamp < timestamp);
@@ -398,7 +399,7 @@ impl TimeIndex {
         let mut bytes = [0u8; TIME_ENTRY_BYTES];
         bytes[..8].copy_from_slice(&timestamp.to_be_bytes());
         bytes[8..].copy_from_slice(&relative_offset.to_be_bytes());
-        self.inner.push(&bytes);
+        self.inner.push(&bytes)
     }
 
     /// The offset after which to start looking for the first record with a timestamp >=
@@ -442,7 +443,7 @@ mod tests {
         assert_eq!(index.lookup(100), (100, 0));
         assert_eq!(index.lookup(5000), (100, 0));
         for (offset, position) in [(110, 4100), (120, 8300), (135, 12400)] {
-            index.append(offset, position);
+            index.append(offset, position).unwrap();
         }
         let check = |target: u64, want: (u64, u32)| assert_eq!(index.lookup(target), want);
         check(100, (100, 0));
@@ -462,7 +463,7 @@ mod tests {
         let index = OffsetIndex::create(&path, 0, 64).unwrap();
         for i in 1..=8u32 {
             assert!(index.len() < index.capacity());
-            index.append(u64::from(i) * 10, i * 1000);
+            index.append(u64::from(i) * 10, i * 1000).unwrap();
         }
         assert_eq!(index.len(), index.capacity());
         index.trim().unwrap();
@@ -518,7 +519,7 @@ mod tests {
         let index = TimeIndex::create(&path, 1000, 120).unwrap();
         assert_eq!(index.lookup_below(5), None);
         for (timestamp, offset) in [(-5, 1000), (10, 1004), (20, 1010)] {
-            index.append(timestamp, offset);
+            index.append(timestamp, offset).unwrap();
         }
         let check = |target: i64, want: Option<u64>| assert_eq!(index.lookup_below(target), want);
         check(-5, None);

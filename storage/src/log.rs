@@ -43,6 +43,9 @@ pub struct ReadBatches {
     /// Whole v2 batches, back to back: a zero-copy slice of one segment's map. The first batch
     /// contains the offset asked for and may start before it. Empty at the high watermark.
     pub batches: Bytes,
+    /// Where the next read continues: the offset after the last batch returned (`from` when
+    /// nothing was returned).
+    pub next_offset: Offset,
     /// Readers see records below this.
     pub high_watermark: Offset,
     /// The oldest offset still held.
@@ -73,6 +76,9 @@ pub struct OpenReport {
     pub segments_deleted: usize,
     /// Stray or leftover files removed (index files without a log, temp files).
     pub stray_files_removed: usize,
+    /// Segments below the recovery point (flushed data) found damaged: their valid prefix is
+    /// served and the rest left on disk for the operator; reads past it fail with `Corrupt`.
+    pub segments_damaged: usize,
 }
 
 /// Group-commit and checkpoint state, guarded by the flush mutex.
@@ -106,6 +112,11 @@ pub struct Log {
     flush_state: Mutex<FlushState>,
     /// Set by `close`; appends fail afterwards.
     closed: AtomicBool,
+    /// Set when `close` finished: flushed, checkpointed, marker written.
+    closed_cleanly: AtomicBool,
+    /// Set after a failed write or fsync: the state on disk is unknown, so the log takes no
+    /// more writes until it is reopened (and recovered). Reads go on.
+    failed: AtomicBool,
     /// What `open` found.
     report: OpenReport,
 }
@@ -140,75 +151,102 @@ impl Log {
             (false, None) => 0,
         };
 
+        let clean = report.clean_shutdown;
+        let last_index = bases.len().saturating_sub(1);
         let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len());
-        let mut recovering = false;
-        for (i, &base) in bases.iter().enumerate() {
+        let mut i = 0;
+        while i < bases.len() {
+            let base = bases[i];
+            let is_last = i == last_index;
+            // Flushed data (below the recovery point, or everything after a clean close) is
+            // trusted and, if damaged, kept; the unflushed tail is verified and cut.
+            let trusted = clean || bases.get(i + 1).is_some_and(|&next| next <= recovery_point);
             if let Some(previous) = segments.last() {
-                if previous.next_offset() != base {
+                if previous.next_offset() != base && !trusted {
                     let reason = format!(
                         "segment starts at offset {base} but the one before ends at {}",
                         previous.next_offset()
                     );
                     delete_segment_files(&dir, &bases[i..], &reason, &mut report)?;
+                    // The previous segment becomes the active one.
+                    let previous = segments.pop().expect("checked");
+                    let base = previous.base_offset();
+                    drop(previous);
+                    segments.push(Arc::new(reopen_active(&dir, base, &config)?));
                     break;
                 }
+                if previous.next_offset() != base {
+                    tracing::error!(dir = %dir.display(), from = previous.next_offset(), to = base, "offsets missing between flushed segments: reads of them fail");
+                }
             }
-            let below_recovery_point = bases.get(i + 1).is_some_and(|&next| next <= recovery_point)
-                || recovery_point == u64::MAX;
-            let mode = if recovering || !below_recovery_point {
-                OpenMode::Recover
+            let mode = if trusted {
+                OpenMode::Trusted {
+                    check_all_indexes: !clean,
+                }
             } else {
-                OpenMode::Trusted
+                OpenMode::Recover { cut: true }
             };
-            let mut opened = Segment::open(&dir, base, &config, false, mode)?;
+            let mut opened = Segment::open(&dir, base, &config, is_last, mode)?;
             if let Opened::NeedsRecovery { reason } = opened {
-                tracing::warn!(dir = %dir.display(), base, %reason, "segment failed its checks; verifying it batch by batch");
-                recovering = true;
-                opened = Segment::open(&dir, base, &config, false, OpenMode::Recover)?;
+                let cut = is_last || !trusted;
+                tracing::warn!(dir = %dir.display(), base, %reason, cut, "segment failed its checks; verifying it batch by batch");
+                opened = Segment::open(&dir, base, &config, is_last, OpenMode::Recover { cut })?;
             }
-            let Opened::Ok { segment, cut } = opened else {
+            let Opened::Ok { segment, damage } = opened else {
                 unreachable!("Recover mode always opens the segment");
             };
-            if mode == OpenMode::Recover || recovering {
+            if !matches!(mode, OpenMode::Trusted { .. }) || damage.is_some() {
                 report.segments_recovered += 1;
+            }
+            if clean && damage.is_none() {
+                segment.mark_indexes_synced();
             }
             let segment = Arc::new(segment);
             segments.push(Arc::clone(&segment));
-            if let Some((bytes, reason)) = cut {
-                tracing::warn!(
-                    path = %segment.log_path().display(),
-                    bytes_cut = bytes,
-                    position = segment.size(),
-                    first_offset_cut = segment.next_offset(),
-                    %reason,
-                    "cut a torn or corrupt tail off the log"
-                );
-                report.bytes_cut += bytes;
-                let reason = format!("offsets from {} on were cut", segment.next_offset());
-                delete_segment_files(&dir, &bases[i + 1..], &reason, &mut report)?;
-                break;
-            }
-        }
-
-        // The last segment is the active one: reopen it with room to grow.
-        let last = match segments.pop() {
-            Some(last) => {
-                let base = last.base_offset();
-                drop(last);
-                match Segment::open(&dir, base, &config, true, OpenMode::Trusted)? {
-                    Opened::Ok { segment, .. } => segment,
-                    Opened::NeedsRecovery { reason } => {
-                        unreachable!("segment {base} was just validated but failed: {reason}")
+            if let Some((bytes, reason)) = damage {
+                if trusted && !is_last {
+                    tracing::error!(
+                        path = %segment.log_path().display(),
+                        damaged_bytes = bytes,
+                        position = segment.size(),
+                        first_offset_unreadable = segment.next_offset(),
+                        %reason,
+                        "flushed segment is damaged: serving its valid part and keeping the rest on disk"
+                    );
+                    report.segments_damaged += 1;
+                } else {
+                    tracing::warn!(
+                        path = %segment.log_path().display(),
+                        bytes_cut = bytes,
+                        position = segment.size(),
+                        first_offset_cut = segment.next_offset(),
+                        %reason,
+                        "cut a torn or corrupt tail off the log"
+                    );
+                    report.bytes_cut += bytes;
+                    if !is_last {
+                        let reason = format!("offsets from {} on were cut", segment.next_offset());
+                        delete_segment_files(&dir, &bases[i + 1..], &reason, &mut report)?;
+                        segments.pop();
+                        drop(segment);
+                        segments.push(Arc::new(reopen_active(&dir, base, &config)?));
+                        break;
                     }
                 }
             }
-            None => {
-                let segment = Segment::create(&dir, 0, &config)?;
-                checkpoint::sync_dir(&dir)?;
-                segment
+            i += 1;
+        }
+        if segments.is_empty() {
+            segments.push(Arc::new(Segment::create(&dir, 0, &config)?));
+            checkpoint::sync_dir(&dir)?;
+        }
+        let recovered_end = segments.last().expect("one segment").next_offset();
+        if let Some(c) = checkpoint {
+            if !clean && recovered_end < c.recovery_point {
+                tracing::error!(dir = %dir.display(), recovery_point = c.recovery_point, log_end_offset = recovered_end, "records that were flushed are gone: the disk lost data");
             }
-        };
-        segments.push(Arc::new(last));
+        }
+        let recovering = report.segments_recovered > 0;
 
         let log_start_offset = segments[0].base_offset();
         let log_end_offset = segments.last().expect("one segment").next_offset();
@@ -228,6 +266,8 @@ impl Log {
                 last_flush: Instant::now(),
             }),
             closed: AtomicBool::new(false),
+            closed_cleanly: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
             report,
         };
         if !(log.report.clean_shutdown && !recovering) {
@@ -285,6 +325,33 @@ impl Log {
         self.segments().iter().map(|s| u64::from(s.size())).sum()
     }
 
+    /// `Closed` or `Failed` if the log takes no writes.
+    fn check_writable(&self) -> Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(StorageError::Failed {
+                path: self.dir.clone(),
+            });
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed {
+                path: self.dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Puts the log in the failed state if `result` is an error: after a failed write or
+    /// fsync the state on disk is unknown (and a retried fsync may lie), so only a reopen,
+    /// which recovers, may write again.
+    fn fail_on_error<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            if !self.failed.swap(true, Ordering::AcqRel) {
+                tracing::error!(dir = %self.dir.display(), error = %e, "log stops taking writes until it is reopened");
+            }
+        }
+        result
+    }
+
     fn segments(&self) -> Arc<Vec<Arc<Segment>>> {
         Arc::clone(&self.segments.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -309,12 +376,9 @@ impl Log {
         self.validate(batches)?;
         let info = {
             let _writer = lock(&self.writer);
-            if self.closed.load(Ordering::Acquire) {
-                return Err(StorageError::Closed {
-                    path: self.dir.clone(),
-                });
-            }
-            self.append_locked(batches)?
+            self.check_writable()?;
+            let appended = self.append_locked(batches);
+            self.fail_on_error(appended)?
         };
         if self.config.flush == FlushPolicy::Always {
             self.flush_to(info.log_end_offset.0)?;
@@ -328,7 +392,7 @@ impl Log {
         }
         let mut position = 0;
         while position < batches.len() {
-            let header = BatchHeader::parse_verified(&batches[position..])
+            let header = octolog_batch::validate_batch(&batches[position..])
                 .map_err(|source| StorageError::InvalidBatch { position, source })?;
             if header.size() > self.config.batch_bytes_max as usize {
                 return Err(StorageError::BatchTooLarge {
@@ -344,6 +408,25 @@ impl Log {
     /// Appends validated batches. Called with the writer lock held.
     fn append_locked(&self, batches: &mut [u8]) -> Result<AppendInfo> {
         let first_offset = self.log_end_offset.load(Ordering::Acquire);
+        let mut records = 0u64;
+        let mut at = 0usize;
+        while at < batches.len() {
+            let header = BatchHeader::parse(&batches[at..]).expect("validated");
+            records += header.record_count as u64;
+            at += header.size();
+        }
+        if first_offset
+            .checked_add(records)
+            .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(StorageError::InvalidBatch {
+                position: 0,
+                source: octolog_batch::BatchError::RecordMalformed {
+                    index: 0,
+                    reason: "the records would take the log past the largest offset",
+                },
+            });
+        }
         let mut next_offset = first_offset;
         let mut active = Arc::clone(self.segments().last().expect("one segment"));
         if active.is_due_by_age(self.config.segment_ms) {
@@ -393,6 +476,13 @@ impl Log {
             return Ok(Arc::clone(active));
         }
         active.seal()?;
+        if self.config.flush == FlushPolicy::Never {
+            // The sealed segment's trimmed indexes are trusted after a clean close: make them
+            // durable now (two small files per roll) rather than all at once on close.
+            active.flush_indexes()?;
+        } else {
+            active.flush(true)?;
+        }
         let base_offset = active.next_offset();
         assert!(base_offset == self.log_end_offset.load(Ordering::Acquire));
         let segment = Arc::new(Segment::create(&self.dir, base_offset, &self.config)?);
@@ -415,12 +505,9 @@ impl Log {
     /// `Closed` after `close`; `Io` if a file cannot be written.
     pub fn roll(&self) -> Result<()> {
         let _writer = lock(&self.writer);
-        if self.closed.load(Ordering::Acquire) {
-            return Err(StorageError::Closed {
-                path: self.dir.clone(),
-            });
-        }
-        self.roll_locked().map(drop)
+        self.check_writable()?;
+        let rolled = self.roll_locked();
+        self.fail_on_error(rolled).map(drop)
     }
 
     /// Makes every record below `target` durable, sharing the work with concurrent callers:
@@ -431,7 +518,13 @@ impl Log {
         if target <= self.recovery_point.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.flush_locked(&mut state)
+        if self.failed.load(Ordering::Acquire) {
+            return Err(StorageError::Failed {
+                path: self.dir.clone(),
+            });
+        }
+        let flushed = self.flush_locked(&mut state);
+        self.fail_on_error(flushed)
     }
 
     /// Flushes everything appended so far. Called with the flush lock held.
@@ -460,7 +553,13 @@ impl Log {
     /// `Io` if a file cannot be synced or the checkpoint written.
     pub fn flush(&self) -> Result<()> {
         let mut state = lock(&self.flush_state);
-        self.flush_locked(&mut state)?;
+        if self.failed.load(Ordering::Acquire) {
+            return Err(StorageError::Failed {
+                path: self.dir.clone(),
+            });
+        }
+        let flushed = self.flush_locked(&mut state);
+        self.fail_on_error(flushed)?;
         self.write_checkpoint()
     }
 
@@ -520,14 +619,31 @@ impl Log {
                 log_end_offset: Offset(log_end_offset),
             });
         }
-        let batches = if from.0 < high_watermark {
+        let (batches, next_offset) = if from.0 < high_watermark {
             let index = segments.partition_point(|s| s.base_offset() <= from.0) - 1;
-            segments[index].read(from.0, bytes_max, high_watermark)?
+            let segment = &segments[index];
+            if from.0 >= segment.next_offset() {
+                if let Some(next) = segments.get(index + 1) {
+                    // Only a damaged flushed segment leaves such a hole (see `OpenReport`).
+                    return Err(StorageError::Corrupt {
+                        path: segment.log_path().to_path_buf(),
+                        position: u64::from(segment.size()),
+                        reason: format!(
+                            "offsets [{}, {}) are damaged or missing on disk; reads can resume at {}",
+                            segment.next_offset(),
+                            next.base_offset(),
+                            next.base_offset()
+                        ),
+                    });
+                }
+            }
+            segment.read(from.0, bytes_max, high_watermark)?
         } else {
-            Bytes::new()
+            (Bytes::new(), from.0)
         };
         Ok(ReadBatches {
             batches,
+            next_offset: Offset(next_offset),
             high_watermark: Offset(high_watermark),
             log_start_offset: Offset(log_start_offset),
         })
@@ -561,14 +677,21 @@ impl Log {
     /// `Io` if a file cannot be deleted; the segments are already gone from the log then.
     pub fn apply_retention(&self, now_ms: i64) -> Result<RetentionOutcome> {
         let _writer = lock(&self.writer);
+        self.check_writable()?;
         let segments = self.segments();
         let mut size: u64 = segments.iter().map(|s| u64::from(s.size())).sum();
         let mut outcome = RetentionOutcome::default();
+        let high_watermark = self.high_watermark.load(Ordering::Acquire);
         for segment in &segments[..segments.len() - 1] {
+            if segment.next_offset() > high_watermark {
+                // Not yet visible to readers (unflushed with `always`): never delete it.
+                break;
+            }
             let expired = self.config.retention_ms.is_some_and(|ms| {
+                let ms = i64::try_from(ms).unwrap_or(i64::MAX);
                 segment
                     .max_timestamp()
-                    .is_some_and(|t| t < now_ms.saturating_sub(ms as i64))
+                    .is_some_and(|t| t < now_ms.saturating_sub(ms))
             });
             let oversized = self
                 .config
@@ -586,7 +709,7 @@ impl Log {
         if outcome.segments_deleted == 0 {
             return Ok(outcome);
         }
-        assert!(outcome.log_start_offset.0 <= self.high_watermark.load(Ordering::Acquire));
+        assert!(outcome.log_start_offset.0 <= high_watermark);
         self.replace_segments(kept);
         for segment in &segments[..outcome.segments_deleted] {
             segment.delete()?;
@@ -610,11 +733,7 @@ impl Log {
     /// failure.
     pub fn truncate_to(&self, offset: Offset) -> Result<Offset> {
         let _writer = lock(&self.writer);
-        if self.closed.load(Ordering::Acquire) {
-            return Err(StorageError::Closed {
-                path: self.dir.clone(),
-            });
-        }
+        self.check_writable()?;
         let log_end_offset = self.log_end_offset.load(Ordering::Acquire);
         if offset.0 >= log_end_offset {
             return Ok(Offset(log_end_offset));
@@ -632,6 +751,34 @@ impl Log {
         let index = segments.partition_point(|s| s.base_offset() <= offset.0) - 1;
         let segment = &segments[index];
         let (keep_bytes, new_end) = segment.cut_point(offset.0)?;
+        // Check what is kept before anything is changed: it must be whole, valid batches.
+        for item in octolog_batch::batches_verified(segment.prefix(keep_bytes)) {
+            if let Err(e) = item {
+                return Err(StorageError::Corrupt {
+                    path: segment.log_path().to_path_buf(),
+                    position: 0,
+                    reason: format!("cannot truncate: the data kept is damaged: {e}"),
+                });
+            }
+        }
+        let truncated =
+            self.truncate_segment_locked(&segments, index, keep_bytes, new_end, &mut flush_state);
+        self.fail_on_error(truncated)?;
+        tracing::info!(dir = %self.dir.display(), offset = offset.0, log_end_offset = new_end, "truncated log");
+        Ok(Offset(new_end))
+    }
+
+    /// Replaces segment `index` by its first `keep_bytes` and deletes later segments. Called
+    /// with the writer and flush locks held; any error leaves the log failed.
+    fn truncate_segment_locked(
+        &self,
+        segments: &[Arc<Segment>],
+        index: usize,
+        keep_bytes: usize,
+        new_end: u64,
+        flush_state: &mut FlushState,
+    ) -> Result<()> {
+        let segment = &segments[index];
         // Write the kept prefix to a new file and rename it over the old one.
         let base = segment.base_offset();
         let log_path = self.dir.join(segment::file_name(base, "log"));
@@ -650,12 +797,7 @@ impl Log {
             later.delete()?;
         }
         checkpoint::sync_dir(&self.dir)?;
-        let Opened::Ok {
-            segment: reopened, ..
-        } = Segment::open(&self.dir, base, &self.config, true, OpenMode::Trusted)?
-        else {
-            unreachable!("a prefix of valid batches failed its checks");
-        };
+        let reopened = reopen_active(&self.dir, base, &self.config)?;
         assert!(reopened.next_offset() == new_end);
         let mut list: Vec<Arc<Segment>> = segments[..index].to_vec();
         list.push(Arc::new(reopened));
@@ -663,10 +805,8 @@ impl Log {
         self.log_end_offset.store(new_end, Ordering::Release);
         self.high_watermark.fetch_min(new_end, Ordering::AcqRel);
         self.recovery_point.fetch_min(new_end, Ordering::AcqRel);
-        self.flush_locked(&mut flush_state)?;
-        self.write_checkpoint()?;
-        tracing::info!(dir = %self.dir.display(), offset = offset.0, log_end_offset = new_end, "truncated log");
-        Ok(Offset(new_end))
+        self.flush_locked(flush_state)?;
+        self.write_checkpoint()
     }
 
     /// Flushes everything, seals the active segment's indexes, writes the checkpoint and the
@@ -677,17 +817,29 @@ impl Log {
     /// `Io` on disk failure; the marker is then not written and the next open recovers.
     pub fn close(&self) -> Result<()> {
         let _writer = lock(&self.writer);
-        if self.closed.swap(true, Ordering::AcqRel) {
+        self.closed.store(true, Ordering::Release);
+        if self.closed_cleanly.load(Ordering::Acquire) {
             return Ok(());
+        }
+        if self.failed.load(Ordering::Acquire) {
+            // The state on disk is unknown: leave no marker, so the next open recovers.
+            return Err(StorageError::Failed {
+                path: self.dir.clone(),
+            });
         }
         let segments = self.segments();
         let active = segments.last().expect("one segment");
         active.seal()?;
         let mut state = lock(&self.flush_state);
         self.flush_locked(&mut state)?;
-        active.flush(true)?;
+        for segment in segments.iter() {
+            if !segment.indexes_synced() {
+                segment.flush(true)?;
+            }
+        }
         self.write_checkpoint()?;
         checkpoint::write_clean_shutdown_marker(&self.dir)?;
+        self.closed_cleanly.store(true, Ordering::Release);
         tracing::debug!(dir = %self.dir.display(), "closed log cleanly");
         Ok(())
     }
@@ -701,6 +853,27 @@ impl Log {
         let _writer = lock(&self.writer);
         self.closed.store(true, Ordering::Release);
         fs::remove_dir_all(&self.dir).map_err(io_err(&self.dir))
+    }
+}
+
+/// Opens segment `base`, whose data was just validated, as the active segment.
+fn reopen_active(dir: &Path, base: u64, config: &LogConfig) -> Result<Segment> {
+    let mut opened = Segment::open(
+        dir,
+        base,
+        config,
+        true,
+        OpenMode::Trusted {
+            check_all_indexes: true,
+        },
+    )?;
+    if let Opened::NeedsRecovery { reason } = opened {
+        tracing::warn!(dir = %dir.display(), base, %reason, "segment failed its checks on reopening; verifying it");
+        opened = Segment::open(dir, base, config, true, OpenMode::Recover { cut: true })?;
+    }
+    match opened {
+        Opened::Ok { segment, .. } => Ok(segment),
+        Opened::NeedsRecovery { .. } => unreachable!("Recover mode always opens the segment"),
     }
 }
 

@@ -16,9 +16,8 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
@@ -57,21 +56,29 @@ struct AppendState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpenMode {
     /// Known to have been flushed (below the recovery point, or closed cleanly): sanity-check
-    /// the indexes and the tail, rebuild indexes that fail.
-    Trusted,
-    /// Possibly torn: scan every batch with its checksum from the start and cut the log at the
-    /// first invalid byte.
-    Recover,
+    /// the indexes (every entry with `check_all_indexes`, else the last ones) and the tail,
+    /// rebuild indexes that fail.
+    Trusted {
+        /// Check every index entry, not only the last: after an unclean shutdown.
+        check_all_indexes: bool,
+    },
+    /// Verify every batch with its checksum from the start. With `cut`, the `.log` is cut at
+    /// the first invalid byte (a torn tail); without, the file is left as it is and only the
+    /// valid prefix is served (damage in data that was flushed: keep it for the operator).
+    Recover {
+        /// Whether to cut the file at the damage.
+        cut: bool,
+    },
 }
 
 /// What opening a segment found.
 #[derive(Debug)]
 pub(crate) enum Opened {
-    /// The segment is whole (possibly after cutting a torn tail in `Recover` mode).
+    /// The segment is open (possibly after cutting a torn tail in `Recover` mode).
     Ok {
         segment: Segment,
-        /// Bytes cut off the end of the `.log` by recovery, and the reason.
-        cut: Option<(u64, String)>,
+        /// Bytes past the valid batches (cut, or left in place when not cutting), and why.
+        damage: Option<(u64, String)>,
     },
     /// A trusted segment failed its tail check; open it again in `Recover` mode.
     NeedsRecovery { reason: String },
@@ -102,8 +109,14 @@ pub(crate) struct Segment {
     offset_index: OffsetIndex,
     /// Running maximum timestamp -> offset index.
     time_index: TimeIndex,
-    /// When this segment started being active, for `segment_ms`.
-    created: Instant,
+    /// When this segment was created (file birth time if the file system records it, else when
+    /// it was opened), in ms since the epoch, for `segment_ms`.
+    created_ms: i64,
+    /// Whether the indexes are known to be on disk as they are (synced after sealing, or
+    /// found intact after a clean shutdown); `close` syncs the sealed ones that are not.
+    indexes_synced: AtomicBool,
+    /// Bytes after `size` are damaged data kept for the operator: never cut them off.
+    keep_tail: bool,
     /// Writer-only bookkeeping.
     append_state: Mutex<AppendState>,
     /// `index_interval_bytes` of the log config.
@@ -164,6 +177,7 @@ impl Segment {
             offset_index,
             time_index,
             config,
+            false,
         )
     }
 
@@ -179,6 +193,7 @@ impl Segment {
         offset_index: OffsetIndex,
         time_index: TimeIndex,
         config: &LogConfig,
+        keep_tail: bool,
     ) -> Result<Segment> {
         let file_len = log_file.metadata().map_err(io_err(&log_path))?.len() as usize;
         let capacity = if active {
@@ -192,6 +207,12 @@ impl Segment {
             .len(capacity)
             .map_raw_read_only(&log_file)
             .map_err(io_err(&log_path))?;
+        let created_ms = log_file
+            .metadata()
+            .and_then(|m| m.created())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or_else(now_ms, |d| d.as_millis() as i64);
         let bytes_since_index_entry = match offset_index.len().checked_sub(1) {
             Some(last) => size - offset_index.entry(last).1,
             None => size,
@@ -207,7 +228,9 @@ impl Segment {
             max_timestamp: AtomicI64::new(max_timestamp),
             offset_index,
             time_index,
-            created: Instant::now(),
+            created_ms,
+            indexes_synced: AtomicBool::new(false),
+            keep_tail,
             append_state: Mutex::new(AppendState {
                 bytes_since_index_entry,
             }),
@@ -219,8 +242,7 @@ impl Segment {
     /// Opens the segment with files `dir/{base_offset:020}.*`.
     ///
     /// `active` segments get pre-allocated indexes and a map with room to grow; others are
-    /// sealed. In `Recover` mode every batch is verified from the start and the `.log` is cut at
-    /// the first invalid byte; in `Trusted` mode only the indexes and the tail are checked.
+    /// sealed. See `OpenMode` for what is checked.
     pub(crate) fn open(
         dir: &Path,
         base_offset: u64,
@@ -238,8 +260,9 @@ impl Segment {
         let readable = file_len.min(u64::from(crate::config::SEGMENT_BYTES_LIMIT)) as usize;
         // A temporary map of the whole file for scanning.
         let scan_map = if readable > 0 {
-            // SAFETY: the file is ours and nobody else writes it while the log is being opened;
-            // the map is dropped before this function returns.
+            // SAFETY: the file is ours and nobody else writes it while the log is being opened
+            // (the broker holds a lock on its data folder); the map is dropped before this
+            // function returns, and the file is only cut after it is dropped.
             Some(
                 unsafe { MmapOptions::new().len(readable).map(&log_file) }
                     .map_err(io_err(&log_path))?,
@@ -249,25 +272,31 @@ impl Segment {
         };
         let bytes: &[u8] = scan_map.as_deref().unwrap_or(&[]);
 
-        if mode == OpenMode::Trusted {
+        if let OpenMode::Trusted { check_all_indexes } = mode {
             if let Some(offset_index) = OffsetIndex::open(
                 &index_path,
                 base_offset,
                 config.index_bytes_max,
                 active,
                 readable as u32,
-                active,
+                active || check_all_indexes,
             )? {
                 let (start_offset, start_position) = offset_index
                     .len()
                     .checked_sub(1)
                     .map(|i| offset_index.entry(i))
                     .unwrap_or((base_offset, 0));
-                let tail = scan(bytes, start_position as usize, start_offset, false);
+                let tail = scan(
+                    bytes,
+                    start_position as usize,
+                    start_offset,
+                    base_offset,
+                    false,
+                );
                 if let Some(reason) = tail.error {
                     return Ok(Opened::NeedsRecovery { reason });
                 }
-                if tail.end != file_len as usize {
+                if tail.end as u64 != file_len {
                     return Ok(Opened::NeedsRecovery {
                         reason: format!(
                             "file is {file_len} bytes but its batches end at {}",
@@ -281,7 +310,7 @@ impl Segment {
                     config.index_bytes_max,
                     active,
                     tail.next_offset,
-                    active,
+                    active || check_all_indexes,
                 )? {
                     let indexed_max = time_index.last_entry().map_or(NO_TIMESTAMP, |e| e.0);
                     let max_timestamp = indexed_max.max(tail.max_timestamp);
@@ -297,32 +326,49 @@ impl Segment {
                         offset_index,
                         time_index,
                         config,
+                        false,
                     )?;
-                    return Ok(Opened::Ok { segment, cut: None });
+                    return Ok(Opened::Ok {
+                        segment,
+                        damage: None,
+                    });
                 }
             }
             // An index is missing or damaged: rebuild both from the log, checking structure.
-            let whole = scan(bytes, 0, base_offset, false);
+            let whole = scan(bytes, 0, base_offset, base_offset, false);
             if let Some(reason) = whole.error {
                 return Ok(Opened::NeedsRecovery { reason });
+            }
+            if whole.end as u64 != file_len {
+                return Ok(Opened::NeedsRecovery {
+                    reason: format!(
+                        "file is {file_len} bytes but its batches end at {}",
+                        whole.end
+                    ),
+                });
             }
             tracing::info!(path = %log_path.display(), "rebuilding missing or damaged index files");
         }
 
-        // Rebuild (and in Recover mode, verify and cut) in one pass over the batches.
-        let verify = mode == OpenMode::Recover;
-        let scanned = scan(bytes, 0, base_offset, verify);
+        // Rebuild (and in Recover mode, verify) in one pass over the batches.
+        let (verify, cut) = match mode {
+            OpenMode::Recover { cut } => (true, cut),
+            OpenMode::Trusted { .. } => (false, false),
+        };
+        let scanned = scan(bytes, 0, base_offset, base_offset, verify);
         drop(scan_map);
-        let mut cut = None;
+        let mut damage = None;
         if (scanned.end as u64) < file_len {
             let reason = scanned
                 .error
                 .clone()
                 .unwrap_or_else(|| "bytes past the last whole batch".to_string());
-            log_file
-                .set_len(scanned.end as u64)
-                .map_err(io_err(&log_path))?;
-            cut = Some((file_len - scanned.end as u64, reason));
+            if cut {
+                log_file
+                    .set_len(scanned.end as u64)
+                    .map_err(io_err(&log_path))?;
+            }
+            damage = Some((file_len - scanned.end as u64, reason));
         }
         let offset_index = OffsetIndex::create(&index_path, base_offset, config.index_bytes_max)?;
         let time_index = TimeIndex::create(&time_index_path, base_offset, config.index_bytes_max)?;
@@ -337,17 +383,18 @@ impl Segment {
             offset_index,
             time_index,
             config,
+            damage.is_some() && !cut,
         )?;
-        segment.reindex(scanned.end);
+        segment.reindex(scanned.end)?;
         if !active {
             segment.seal()?;
         }
-        Ok(Opened::Ok { segment, cut })
+        Ok(Opened::Ok { segment, damage })
     }
 
     /// Rebuilds the indexes (which must be empty) from the first `end` bytes of the `.log`,
     /// which were already validated, and publishes them as the segment's content.
-    fn reindex(&self, end: usize) {
+    fn reindex(&self, end: usize) -> Result<()> {
         assert!(end <= self.capacity);
         assert!(self.offset_index.len() == 0);
         // SAFETY: the file holds at least `end` bytes (it was just scanned and cut to that
@@ -359,13 +406,14 @@ impl Segment {
         let mut next_offset = self.base_offset;
         while position < end {
             let header = BatchHeader::parse(&bytes[position..]).expect("validated by scan");
-            self.index_batch(&mut state, position as u32, &header);
+            self.index_batch(&mut state, position as u32, &header)?;
             position += header.size();
             next_offset = header.last_offset() as u64 + 1;
         }
         assert!(position == end);
         self.next_offset.store(next_offset, Ordering::Release);
         self.size.store(end as u32, Ordering::Release);
+        Ok(())
     }
 
     fn lock_append_state(&self) -> std::sync::MutexGuard<'_, AppendState> {
@@ -377,27 +425,35 @@ impl Segment {
     /// Adds index entries for the batch at `position` (its base offset already assigned), and
     /// moves the running maximum timestamp. Entries for a batch describe what comes before it,
     /// so they are added before the batch is counted.
-    fn index_batch(&self, state: &mut AppendState, position: u32, header: &BatchHeader) {
+    fn index_batch(
+        &self,
+        state: &mut AppendState,
+        position: u32,
+        header: &BatchHeader,
+    ) -> Result<()> {
         let first_offset = header.base_offset as u64;
         if state.bytes_since_index_entry > self.index_interval_bytes && position > 0 {
-            self.offset_index.append(first_offset, position);
-            self.append_time_entry(first_offset - 1);
+            self.offset_index.append(first_offset, position)?;
+            self.append_time_entry(first_offset - 1)?;
             state.bytes_since_index_entry = 0;
         }
         state.bytes_since_index_entry += header.size() as u32;
         self.max_timestamp
             .fetch_max(header.max_timestamp, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Records in the time index that every record up to `last_offset` has a timestamp <= the
     /// running maximum, if the maximum grew since the last entry.
-    fn append_time_entry(&self, last_offset: u64) {
+    fn append_time_entry(&self, last_offset: u64) -> Result<()> {
         let max_timestamp = self.max_timestamp.load(Ordering::Relaxed);
         if max_timestamp == NO_TIMESTAMP {
-            return;
+            return Ok(());
         }
         match self.time_index.last_entry() {
-            Some((timestamp, offset)) if timestamp >= max_timestamp || offset >= last_offset => {}
+            Some((timestamp, offset)) if timestamp >= max_timestamp || offset >= last_offset => {
+                Ok(())
+            }
             _ => self.time_index.append(max_timestamp, last_offset),
         }
     }
@@ -426,7 +482,8 @@ impl Segment {
 
     /// Whether the active segment is old enough to roll by `segment_ms`.
     pub(crate) fn is_due_by_age(&self, segment_ms: u64) -> bool {
-        self.size() > 0 && self.created.elapsed().as_millis() >= u128::from(segment_ms)
+        let age_ms = now_ms().saturating_sub(self.created_ms);
+        self.size() > 0 && u64::try_from(age_ms).is_ok_and(|age| age >= segment_ms)
     }
 
     /// Whether `batches` more batches, `bytes` in all, the last ending at `last_offset`, fit in
@@ -447,21 +504,35 @@ impl Segment {
     ///
     /// # Errors
     ///
-    /// `Io` if the write fails; the segment is then unchanged for readers (its `size` is not
-    /// moved), and the next append overwrites the partial bytes.
+    /// `Io` if a write fails. The segment is then unchanged for readers (its `size` is not
+    /// moved) and the bytes written past it are cut off again if possible; the log stops taking
+    /// writes either way (see `Log`).
     pub(crate) fn append(&self, chunk: &[u8]) -> Result<()> {
         let position = self.size();
         assert!(position as usize + chunk.len() <= self.capacity);
-        self.log_file
+        let written = self
+            .log_file
             .write_all_at(chunk, u64::from(position))
-            .map_err(io_err(&self.log_path))?;
+            .map_err(io_err(&self.log_path))
+            .and_then(|()| self.index_chunk(position, chunk));
+        if let Err(e) = written {
+            // Whole batches left past `size` could otherwise come back at recovery.
+            if let Err(cut) = self.log_file.set_len(u64::from(position)) {
+                tracing::error!(path = %self.log_path.display(), error = %cut, "cannot cut a failed append off the log");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn index_chunk(&self, position: u32, chunk: &[u8]) -> Result<()> {
         let mut state = self.lock_append_state();
         let mut at = 0usize;
         let mut next_offset = self.next_offset();
         while at < chunk.len() {
             let header = BatchHeader::parse(&chunk[at..]).expect("validated by the log");
             assert!(header.base_offset as u64 == next_offset);
-            self.index_batch(&mut state, position + at as u32, &header);
+            self.index_batch(&mut state, position + at as u32, &header)?;
             at += header.size();
             next_offset = header.last_offset() as u64 + 1;
         }
@@ -476,8 +547,8 @@ impl Segment {
     /// bytes past `size` (left by a failed write) cut off.
     pub(crate) fn seal(&self) -> Result<()> {
         let next_offset = self.next_offset();
-        if next_offset > self.base_offset {
-            self.append_time_entry(next_offset - 1);
+        if next_offset > self.base_offset && self.time_index.len() < self.time_index.capacity() {
+            self.append_time_entry(next_offset - 1)?;
         }
         self.offset_index.trim()?;
         self.time_index.trim()?;
@@ -487,7 +558,7 @@ impl Segment {
             .metadata()
             .map_err(io_err(&self.log_path))?
             .len();
-        if file_len != size {
+        if file_len != size && !self.keep_tail {
             assert!(size < file_len);
             self.log_file
                 .set_len(size)
@@ -502,8 +573,27 @@ impl Segment {
         if with_indexes {
             self.offset_index.sync()?;
             self.time_index.sync()?;
+            self.indexes_synced.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Forces the indexes (not the `.log`) to disk.
+    pub(crate) fn flush_indexes(&self) -> Result<()> {
+        self.offset_index.sync()?;
+        self.time_index.sync()?;
+        self.indexes_synced.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the indexes are known to be on disk as they are now.
+    pub(crate) fn indexes_synced(&self) -> bool {
+        self.indexes_synced.load(Ordering::Acquire)
+    }
+
+    /// Records that the indexes, found intact after a clean shutdown, are on disk.
+    pub(crate) fn mark_indexes_synced(&self) {
+        self.indexes_synced.store(true, Ordering::Release)
     }
 
     /// Unlinks the segment's files. Readers holding slices keep them.
@@ -560,6 +650,10 @@ impl Segment {
     fn position_of(&self, bytes: &[u8], target: u64) -> Result<Option<(usize, BatchHeader)>> {
         let (mut expected, hint) = self.offset_index.lookup(target);
         let mut position = hint as usize;
+        if position >= bytes.len() && position > 0 {
+            // An entry published before the bytes it points at (an append in progress).
+            return Ok(None);
+        }
         if position > 0 {
             match octolog_batch::peek_batch_size(&bytes[position.min(bytes.len())..]) {
                 Ok((base, _)) if base as u64 == expected => {}
@@ -592,19 +686,25 @@ impl Segment {
     }
 
     /// Whole batches starting with the one containing `target`, below `limit_offset`: as many
-    /// as fit in `bytes_max`, but at least one, as one zero-copy slice. Empty if `target` is at
-    /// or past the end of the published records or at or past `limit_offset`.
+    /// as fit in `bytes_max`, but at least one, as one zero-copy slice, with the offset after
+    /// them. Empty (and `target`) if `target` is at or past the end of the published records or
+    /// at or past `limit_offset`.
     ///
     /// # Errors
     ///
     /// `Corrupt` if the bytes on disk are not a chain of batches with contiguous offsets.
-    pub(crate) fn read(&self, target: u64, bytes_max: usize, limit_offset: u64) -> Result<Bytes> {
+    pub(crate) fn read(
+        &self,
+        target: u64,
+        bytes_max: usize,
+        limit_offset: u64,
+    ) -> Result<(Bytes, u64)> {
         let bytes = self.published();
         let Some((start, first)) = self.position_of(bytes, target)? else {
-            return Ok(Bytes::new());
+            return Ok((Bytes::new(), target));
         };
         if first.base_offset as u64 >= limit_offset {
-            return Ok(Bytes::new());
+            return Ok((Bytes::new(), target));
         }
         let mut end = start + first.size();
         let mut expected = first.last_offset() as u64 + 1;
@@ -626,7 +726,7 @@ impl Segment {
             end += header.size();
             expected = header.last_offset() as u64 + 1;
         }
-        Ok(self.slice(start, end))
+        Ok((self.slice(start, end), expected))
     }
 
     /// The first offset in this segment, at or after the segment's start and below
@@ -689,8 +789,15 @@ struct Scan {
 }
 
 /// Walks the batches of `bytes` from `position`, whose first batch must start at
-/// `expected_offset`, checking structure, contiguous offsets and, with `verify`, checksums.
-fn scan(bytes: &[u8], mut position: usize, mut expected_offset: u64, verify: bool) -> Scan {
+/// `expected_offset`, checking structure, contiguous offsets, that offsets stay within
+/// `u32::MAX` of the segment's `base_offset` and, with `verify`, checksums.
+fn scan(
+    bytes: &[u8],
+    mut position: usize,
+    mut expected_offset: u64,
+    base_offset: u64,
+    verify: bool,
+) -> Scan {
     let mut max_timestamp = NO_TIMESTAMP;
     let mut error = None;
     while position < bytes.len() {
@@ -700,24 +807,32 @@ fn scan(bytes: &[u8], mut position: usize, mut expected_offset: u64, verify: boo
         } else {
             BatchHeader::parse(rest)
         };
-        match parsed {
-            Ok(header) if header.base_offset as u64 == expected_offset => {
-                max_timestamp = max_timestamp.max(header.max_timestamp);
-                expected_offset = header.last_offset() as u64 + 1;
-                position += header.size();
-            }
-            Ok(header) => {
-                error = Some(format!(
-                    "batch at position {position} has base offset {} where {expected_offset} was expected",
-                    header.base_offset
-                ));
-                break;
-            }
+        let header = match parsed {
+            Ok(header) => header,
             Err(e) => {
                 error = Some(format!("invalid batch at position {position}: {e}"));
                 break;
             }
+        };
+        if header.base_offset as u64 != expected_offset {
+            error = Some(format!(
+                "batch at position {position} has base offset {} where {expected_offset} was expected",
+                header.base_offset
+            ));
+            break;
         }
+        let last_offset = header.last_offset();
+        if last_offset < header.base_offset
+            || (last_offset as u64) - base_offset > u64::from(u32::MAX)
+        {
+            error = Some(format!(
+                "batch at position {position} ends at offset {last_offset}, beyond what a segment starting at {base_offset} can hold"
+            ));
+            break;
+        }
+        max_timestamp = max_timestamp.max(header.max_timestamp);
+        expected_offset = last_offset as u64 + 1;
+        position += header.size();
     }
     Scan {
         end: position,
@@ -725,6 +840,13 @@ fn scan(bytes: &[u8], mut position: usize, mut expected_offset: u64, verify: boo
         max_timestamp,
         error,
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

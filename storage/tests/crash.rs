@@ -373,3 +373,136 @@ fn recovery_point_bounds_the_scan() {
     assert!(log.open_report().segments_recovered >= 1);
     assert_eq!(log.log_end_offset(), Offset(105));
 }
+
+/// A log of `RECORDS` single-record batches with `FlushPolicy::Always`, closed cleanly.
+fn flushed_log(root: &Path, name: &str) -> PathBuf {
+    let dir = root.join(name);
+    let config = LogConfig {
+        flush: octolog_storage::FlushPolicy::Always,
+        ..config()
+    };
+    let log = Log::open(&dir, config).unwrap();
+    append_records(&log, RECORDS, VALUE_BYTES, 0);
+    assert!(log.segment_count() >= 4);
+    log.close().unwrap();
+    dir
+}
+
+/// Guards that damage in flushed data costs only the damaged part: later segments stay, reads
+/// of the hole fail clearly, reads after it work.
+#[test]
+fn damage_in_a_flushed_middle_segment_keeps_the_later_segments() {
+    let root = tempfile::tempdir().unwrap();
+    for unclean in [false, true] {
+        let dir = flushed_log(root.path(), &format!("flushed-{unclean}"));
+        if unclean {
+            fs::remove_file(dir.join("clean-shutdown")).unwrap();
+        }
+        let layout = layout(&dir);
+        let (path, batches) = &layout[1];
+        // The last batch: a trusted segment's tail is checked on every open (a full scan of
+        // flushed data on every start would be too slow; damage earlier in it is found by reads).
+        let hit = *batches.last().unwrap();
+        let mut bytes = fs::read(path).unwrap();
+        bytes[hit.start + 8] ^= 0x40; // batch_length
+        fs::write(path, &bytes).unwrap();
+        let log = Log::open(&dir, config()).unwrap();
+        assert_eq!(log.open_report().segments_damaged, 1, "unclean {unclean}");
+        assert_eq!(log.open_report().bytes_cut, 0);
+        assert_eq!(log.open_report().segments_deleted, 0);
+        assert_eq!(log.log_end_offset(), Offset(RECORDS));
+        // The damaged file is left as it was, for the operator.
+        assert_eq!(fs::read(path).unwrap(), bytes);
+        // Before the damage: readable. In the hole: a clear error. After it: readable.
+        assert!(log.read(Offset(hit.base_offset - 1), 1).is_ok());
+        let err = log
+            .read(Offset(hit.base_offset), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("damaged or missing"), "{err}");
+        let next_base = layout[2].1[0].base_offset;
+        assert_eq!(read_all(&log, next_base).len() as u64, RECORDS - next_base);
+        // Appends go on at the end.
+        append_records(&log, 1, VALUE_BYTES, 0);
+        assert_eq!(log.log_end_offset(), Offset(RECORDS + 1));
+    }
+}
+
+#[test]
+fn truncating_into_damaged_flushed_data_fails_and_changes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = flushed_log(root.path(), "truncate-damaged");
+    let layout = layout(&dir);
+    let (path, batches) = layout.last().unwrap();
+    // Damage the CRC-covered part of the first batch of the last segment: the structure stays,
+    // so a clean open trusts it, and only the truncation's check finds it.
+    let mut bytes = fs::read(path).unwrap();
+    bytes[batches[0].start + 70] ^= 0x01;
+    fs::write(path, &bytes).unwrap();
+    let log = Log::open(&dir, config()).unwrap();
+    let err = log
+        .truncate_to(Offset(batches[2].base_offset))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("damaged"), "{err}");
+    assert_eq!(log.log_end_offset(), Offset(RECORDS));
+    assert_eq!(fs::read(path).unwrap(), bytes);
+    // Still writable.
+    append_records(&log, 1, VALUE_BYTES, 0);
+}
+
+/// Guards against a panic on batches that claim offsets beyond what a segment can index.
+#[test]
+fn batches_claiming_huge_record_counts_are_cut_not_panicked_on() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("huge");
+    fs::create_dir_all(&dir).unwrap();
+    let mut file = Vec::new();
+    let mut base = 0i64;
+    for _ in 0..4 {
+        // A bare 61-byte header claiming i32::MAX records, with a valid CRC.
+        let mut header = vec![0u8; 61];
+        header[0..8].copy_from_slice(&base.to_be_bytes());
+        header[8..12].copy_from_slice(&49i32.to_be_bytes());
+        header[16] = 2;
+        header[23..27].copy_from_slice(&(i32::MAX - 1).to_be_bytes());
+        header[43..51].copy_from_slice(&(-1i64).to_be_bytes());
+        header[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
+        let crc = octolog_batch::compute_crc(&header);
+        header[17..21].copy_from_slice(&crc.to_be_bytes());
+        file.extend_from_slice(&header);
+        base += i64::from(i32::MAX);
+    }
+    fs::write(dir.join("00000000000000000000.log"), &file).unwrap();
+    let config = LogConfig {
+        index_interval_bytes: 0,
+        ..config()
+    };
+    let log = Log::open(&dir, config).unwrap();
+    // The first two fit in a u32 of relative offsets; the third would not.
+    assert!(log.open_report().bytes_cut > 0);
+    assert!(log.log_end_offset().0 <= 2 * i32::MAX as u64);
+}
+
+/// Guards against a panic when a lying index meets a damaged log after a clean shutdown.
+#[test]
+fn a_lying_index_over_a_damaged_log_is_recovered_without_panicking() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("lying");
+    let log = Log::open(&dir, config()).unwrap();
+    append_records(&log, 20, 100, 0);
+    log.close().unwrap();
+    drop(log);
+    fs::write(
+        dir.join("00000000000000000000.index"),
+        0xFFFF_0000u32.to_be_bytes().repeat(2),
+    )
+    .unwrap();
+    let path = dir.join("00000000000000000000.log");
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[8..12].copy_from_slice(&5i32.to_be_bytes());
+    fs::write(&path, &bytes).unwrap();
+    let log = Log::open(&dir, config()).unwrap();
+    assert_eq!(log.log_end_offset(), Offset(0));
+    append_records(&log, 1, 100, 0);
+}

@@ -493,3 +493,58 @@ fn invalid_config_is_refused() {
         Err(StorageError::InvalidConfig(_))
     ));
 }
+
+#[test]
+fn batches_whose_records_contradict_their_header_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let good = batch(&[b"a".to_vec(), b"b".to_vec()], 1000);
+    let resign = |mut bytes: Vec<u8>| {
+        let crc = octolog_batch::compute_crc(&bytes);
+        bytes[17..21].copy_from_slice(&crc.to_be_bytes());
+        bytes
+    };
+    // A max_timestamp above every record's.
+    let mut lying = good.to_vec();
+    lying[35..43].copy_from_slice(&9_999i64.to_be_bytes());
+    // More records claimed than present (header fields kept consistent with each other).
+    let mut many = good.to_vec();
+    many[23..27].copy_from_slice(&(i32::MAX - 1).to_be_bytes());
+    many[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
+    for bytes in [lying, many] {
+        let mut bytes = resign(bytes);
+        assert!(matches!(
+            log.append(&mut bytes),
+            Err(StorageError::InvalidBatch {
+                source: BatchError::RecordMalformed { .. },
+                ..
+            })
+        ));
+    }
+    assert_eq!(log.log_end_offset(), Offset(0));
+}
+
+#[test]
+fn retention_ms_of_u64_max_means_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        retention_ms: Some(u64::MAX),
+        ..small_config()
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    append_records(&log, 100, 200, 0);
+    assert!(log.segment_count() > 1);
+    assert_eq!(log.apply_retention(i64::MAX).unwrap().segments_deleted, 0);
+}
+
+#[test]
+fn read_reports_where_the_next_read_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let mut three = batch(&[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], 0);
+    log.append(&mut three).unwrap();
+    append_records(&log, 2, 10, 0);
+    assert_eq!(log.read(Offset(1), 1).unwrap().next_offset, Offset(3));
+    assert_eq!(log.read(Offset(0), 1 << 20).unwrap().next_offset, Offset(5));
+    assert_eq!(log.read(Offset(5), 1 << 20).unwrap().next_offset, Offset(5));
+}
