@@ -67,7 +67,8 @@ pub struct FetchPartition {
     pub partition: u32,
     /// First offset wanted.
     pub offset: Offset,
-    /// Most bytes wanted from this partition (at least one batch is returned).
+    /// Most bytes wanted from this partition (at least one batch is returned); 0 means no limit
+    /// beyond the whole answer's.
     pub bytes_max: u32,
 }
 
@@ -434,7 +435,11 @@ impl Broker {
             .iter()
             .map(|p| {
                 let result = topic.partition(p.partition).and_then(|partition| {
-                    let budget = (p.bytes_max as usize).min(bytes_max.saturating_sub(total));
+                    let partition_bytes_max = match p.bytes_max {
+                        0 => bytes_max,
+                        n => n as usize,
+                    };
+                    let budget = partition_bytes_max.min(bytes_max.saturating_sub(total));
                     if budget == 0 && total > 0 {
                         // The answer is full: report the bounds but no data.
                         let log = partition.log();
@@ -523,6 +528,21 @@ impl Broker {
                     }
                 }
                 _ = shutdown.changed() => return Ok(answers),
+            }
+            // Deletion wakes the waiters too: end the wait rather than keep reading a topic
+            // that is gone (or that a new topic of the same name replaced).
+            let current = self.topic(&request.topic);
+            if !current.is_ok_and(|t| Arc::ptr_eq(&t, &topic)) {
+                return Ok(request
+                    .partitions
+                    .iter()
+                    .map(|p| FetchedPartition {
+                        partition: p.partition,
+                        result: Err(BrokerError::UnknownTopic {
+                            topic: request.topic.clone(),
+                        }),
+                    })
+                    .collect());
             }
         }
     }

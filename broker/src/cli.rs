@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use octolog_client::{
     Client, ConsumerRecord, Offset, OffsetSpec, ProducerRecord, StartAt, TopicOptions,
 };
+use serde::Serialize;
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
@@ -196,9 +197,7 @@ pub fn main() -> ExitCode {
                     },
                 );
             }
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("error: bad usage");
-            eprintln!("{first}");
+            eprintln!("{}", usage_line(&e.render().to_string()));
             return ExitCode::from(2);
         }
     };
@@ -230,6 +229,21 @@ pub fn main() -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::from(failure.status)
         }
+    }
+}
+
+/// A clap error on one line: its message up to the usage section, lines joined, so that a
+/// message continued on the next lines (e.g. which arguments are missing) is kept.
+fn usage_line(rendered: &str) -> String {
+    let message: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+        .collect();
+    if message.is_empty() {
+        "error: bad usage".to_string()
+    } else {
+        message.join(" ")
     }
 }
 
@@ -361,24 +375,21 @@ async fn topic(addr: &str, command: TopicCommand) -> Result<(), Failure> {
         TopicCommand::Describe { name, json } => {
             let info = admin.describe_topic(&name).await?;
             if json {
-                let partitions: Vec<_> = info
-                    .partitions()
-                    .iter()
-                    .map(|p| {
-                        json!({
-                            "partition": p.partition(),
-                            "log_start_offset": p.log_start_offset().0,
-                            "high_watermark": p.high_watermark().0,
-                            "segments": p.segments(),
-                            "size_bytes": p.size_bytes(),
+                let line = DescribeLine {
+                    name: info.name(),
+                    partitions: info
+                        .partitions()
+                        .iter()
+                        .map(|p| PartitionLine {
+                            partition: p.partition(),
+                            log_start_offset: p.log_start_offset().0,
+                            high_watermark: p.high_watermark().0,
+                            segments: p.segments(),
+                            size_bytes: p.size_bytes(),
                         })
-                    })
-                    .collect();
-                writeln!(
-                    out,
-                    "{}",
-                    json!({"name": info.name(), "partitions": partitions})
-                )?;
+                        .collect(),
+                };
+                writeln!(out, "{}", serde_json::to_string(&line)?)?;
             } else {
                 writeln!(
                     out,
@@ -410,6 +421,45 @@ async fn topic(addr: &str, command: TopicCommand) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+// JSON lines of the output, with their keys in the order INTERFACE.md shows (a struct
+// serialises its fields in declaration order; `json!` would sort them).
+
+/// `topic describe --json`.
+#[derive(Serialize)]
+struct DescribeLine<'a> {
+    name: &'a str,
+    partitions: Vec<PartitionLine>,
+}
+
+/// One partition of `topic describe --json`.
+#[derive(Serialize)]
+struct PartitionLine {
+    partition: u32,
+    log_start_offset: u64,
+    high_watermark: u64,
+    segments: u32,
+    size_bytes: u64,
+}
+
+/// One acknowledgement of `produce --json`.
+#[derive(Serialize)]
+struct AckLine {
+    partition: u32,
+    offset: u64,
+}
+
+/// One record of `consume --json`.
+#[derive(Serialize)]
+struct RecordLine<'a> {
+    topic: &'a str,
+    partition: u32,
+    offset: u64,
+    timestamp_ms: i64,
+    key: serde_json::Value,
+    value: serde_json::Value,
+    headers: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Most acknowledgements awaited at once by `produce`; beyond it, the oldest is awaited first.
@@ -486,11 +536,11 @@ fn report(
     json: bool,
 ) -> std::io::Result<()> {
     if json {
-        writeln!(
-            out,
-            "{}",
-            json!({"partition": metadata.partition(), "offset": metadata.offset().0})
-        )?;
+        let line = AckLine {
+            partition: metadata.partition(),
+            offset: metadata.offset().0,
+        };
+        writeln!(out, "{}", serde_json::to_string(&line)?)?;
     }
     Ok(())
 }
@@ -535,16 +585,16 @@ fn print_record(out: &mut impl Write, record: &ConsumerRecord, json: bool) -> st
             .iter()
             .map(|(k, v)| (k.clone(), text(v.as_ref())))
             .collect();
-        let line = json!({
-            "topic": record.topic(),
-            "partition": record.partition(),
-            "offset": record.offset().0,
-            "timestamp_ms": record.timestamp_ms(),
-            "key": text(record.key()),
-            "value": text(record.value()),
-            "headers": headers,
-        });
-        writeln!(out, "{line}")?;
+        let line = RecordLine {
+            topic: record.topic(),
+            partition: record.partition(),
+            offset: record.offset().0,
+            timestamp_ms: record.timestamp_ms(),
+            key: text(record.key()),
+            value: text(record.value()),
+            headers,
+        };
+        writeln!(out, "{}", serde_json::to_string(&line)?)?;
     } else {
         out.write_all(record.value().map_or(&b""[..], |v| &v[..]))?;
         out.write_all(b"\n")?;
@@ -632,6 +682,24 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// Guards the one-line usage error: clap puts what is missing on the lines after the first.
+    #[test]
+    fn usage_errors_keep_their_whole_message_on_one_line() {
+        let check = |args: &[&str], want: &str| {
+            let e = Cli::try_parse_from(args).expect_err("bad usage");
+            assert_eq!(usage_line(&e.render().to_string()), want, "{args:?}");
+        };
+        check(
+            &["octolog", "consume"],
+            "error: the following required arguments were not provided: <TOPIC>",
+        );
+        check(
+            &["octolog", "topic", "list", "--bogus"],
+            "error: unexpected argument '--bogus' found",
+        );
+        assert_eq!(usage_line(""), "error: bad usage");
     }
 
     #[test]

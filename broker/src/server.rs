@@ -5,6 +5,7 @@
 //! subscriptions to end, let in-flight requests finish, then flush and close every log (writing
 //! their clean-shutdown markers).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -16,7 +17,10 @@ use octolog_proto::v1::octolog_server::OctologServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::codegen::{http, BoxFuture, Service};
+use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::{Code, Status};
 
 use crate::broker::Broker;
 use crate::error::{BrokerError, Result};
@@ -73,6 +77,53 @@ impl AsyncWrite for LimitedStream {
     }
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+/// How tonic's message starts when a request exceeds `max_decoding_message_size`.
+const DECODE_LIMIT_MESSAGE: &str = "Error, decoded message length too large";
+
+/// Answers a request larger than `request_bytes_max` with `RESOURCE_EXHAUSTED`, as the API
+/// promises for requests over the broker's size limits (and as grpc-go and grpc-java do), where
+/// tonic says `OUT_OF_RANGE`, which the API reserves for offsets outside a log.
+#[derive(Debug, Clone)]
+struct OversizeIsResourceExhausted<S>(S);
+
+impl<S: NamedService> NamedService for OversizeIsResourceExhausted<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for OversizeIsResourceExhausted<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            // A request refused before it reached the service answers with headers only.
+            let refused = Status::from_header_map(response.headers()).filter(|s| {
+                s.code() == Code::OutOfRange && s.message().starts_with(DECODE_LIMIT_MESSAGE)
+            });
+            if let Some(status) = refused {
+                let exhausted = Status::resource_exhausted(format!(
+                    "the request exceeds the broker's request_bytes_max: {}; send smaller requests",
+                    status.message()
+                ));
+                // Cannot fail: the message is ASCII.
+                let _ = exhausted.add_header(response.headers_mut());
+            }
+            Ok(response)
+        })
     }
 }
 
@@ -163,7 +214,7 @@ pub async fn run(
     let served = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
-        .add_service(service)
+        .add_service(OversizeIsResourceExhausted(service))
         .serve_with_incoming_shutdown(incoming(listener, connections), signal)
         .await;
     broker.begin_shutdown();

@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use octolog_batch::Offset;
 use octolog_proto::v1 as pb;
 use octolog_proto::v1::octolog_server::Octolog;
-use octolog_storage::{ReadBatches, StorageError};
+use octolog_storage::{Log, ReadBatches, StorageError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -17,6 +17,7 @@ use crate::broker::{
     Broker, FetchPartition, FetchRequest, OffsetSpec, ProduceRecord, TopicDescription,
 };
 use crate::error::BrokerError;
+use crate::partition::Partition;
 
 /// Messages queued per push subscription before the subscription waits for the client (gRPC flow
 /// control does the rest).
@@ -35,9 +36,8 @@ pub fn status(error: BrokerError) -> Status {
         BrokerError::ShuttingDown => Code::Unavailable,
         BrokerError::Storage { source, .. } => match source {
             StorageError::OffsetOutOfRange { .. } => Code::OutOfRange,
-            StorageError::InvalidBatch { .. }
-            | StorageError::BatchTooLarge { .. }
-            | StorageError::EmptyAppend => Code::InvalidArgument,
+            StorageError::InvalidBatch { .. } | StorageError::EmptyAppend => Code::InvalidArgument,
+            StorageError::BatchTooLarge { .. } => Code::ResourceExhausted,
             StorageError::Closed { .. } => Code::Unavailable,
             StorageError::Corrupt { .. } => Code::DataLoss,
             _ => Code::Internal,
@@ -89,18 +89,23 @@ fn describe(d: TopicDescription) -> pb::TopicDescription {
     }
 }
 
-/// The answer for one partition: batches as they are, or decoded records from `from` on.
+/// The answer for one partition: batches as they are, or decoded records from `from` on. An
+/// error still carries the partition's bounds, read from `log` when it exists, so that a reader
+/// whose offset is out of range can choose where to resume.
 fn partition_data(
     partition: u32,
     result: Result<ReadBatches, BrokerError>,
     from: Offset,
     format: pb::RecordFormat,
+    log: Option<&Log>,
 ) -> pb::PartitionData {
     let read = match result {
         Ok(read) => read,
         Err(e) => {
             return pb::PartitionData {
                 partition,
+                high_watermark: log.map_or(0, |l| l.high_watermark().0),
+                log_start_offset: log.map_or(0, |l| l.log_start_offset().0),
                 error_code: error_code(&e) as i32,
                 error_message: e.to_string(),
                 ..Default::default()
@@ -153,6 +158,19 @@ fn next_offset(batches: &Bytes, current: Offset) -> Offset {
         .map_or(current, |(h, _)| {
             Offset((h.last_offset() as u64 + 1).max(current.0))
         })
+}
+
+/// Refuses a request that names a partition more than once.
+fn check_distinct(partitions: impl IntoIterator<Item = u32>) -> Result<(), Status> {
+    let mut seen = std::collections::HashSet::new();
+    for partition in partitions {
+        if !seen.insert(partition) {
+            return Err(status(BrokerError::InvalidRequest(format!(
+                "the request names partition {partition} more than once"
+            ))));
+        }
+    }
+    Ok(())
 }
 
 fn format_of(value: i32) -> Result<pb::RecordFormat, Status> {
@@ -281,8 +299,9 @@ impl Octolog for OctologService {
         request: Request<pb::ProduceBatchesRequest>,
     ) -> Result<Response<pb::ProduceBatchesResponse>, Status> {
         let r = request.into_inner();
-        // An unknown topic fails the whole request; everything else is per partition.
+        // An unknown topic or a malformed request fails as a whole; the rest is per partition.
         self.broker.topic(&r.topic).map_err(status)?;
+        check_distinct(r.partitions.iter().map(|p| p.partition))?;
         let mut results = Vec::with_capacity(r.partitions.len());
         for p in r.partitions {
             // The log rewrites base offsets in place: take the buffer if we own it, else copy.
@@ -322,6 +341,7 @@ impl Octolog for OctologService {
     ) -> Result<Response<pb::FetchResponse>, Status> {
         let r = request.into_inner();
         let format = format_of(r.format)?;
+        check_distinct(r.partitions.iter().map(|p| p.partition))?;
         let partitions: Vec<FetchPartition> = r
             .partitions
             .iter()
@@ -331,6 +351,7 @@ impl Octolog for OctologService {
                 bytes_max: p.max_bytes,
             })
             .collect();
+        let topic = r.topic.clone();
         let answers = self
             .broker
             .fetch(FetchRequest {
@@ -346,7 +367,21 @@ impl Octolog for OctologService {
             .into_iter()
             .zip(&partitions)
             .map(|(answer, asked)| {
-                partition_data(answer.partition, answer.result, asked.offset, format)
+                let log = match &answer.result {
+                    Ok(_) => None,
+                    Err(_) => self
+                        .broker
+                        .topic(&topic)
+                        .ok()
+                        .and_then(|t| t.partition(answer.partition).ok().cloned()),
+                };
+                partition_data(
+                    answer.partition,
+                    answer.result,
+                    asked.offset,
+                    format,
+                    log.as_deref().map(Partition::log),
+                )
             })
             .collect();
         Ok(Response::new(pb::FetchResponse { partitions }))
@@ -361,16 +396,16 @@ impl Octolog for OctologService {
         let mut offsets = Vec::with_capacity(r.queries.len());
         for q in r.queries {
             let spec = match q.position {
-                Some(pb::offset_query::Position::Earliest(_)) => OffsetSpec::Earliest,
-                Some(pb::offset_query::Position::Latest(_)) => OffsetSpec::Latest,
-                Some(pb::offset_query::Position::TimestampMs(t)) => OffsetSpec::Timestamp(t),
-                None => {
-                    return Err(Status::invalid_argument(
-                        "an offset query needs earliest, latest or timestamp_ms",
-                    ))
-                }
+                Some(pb::offset_query::Position::Earliest(_)) => Ok(OffsetSpec::Earliest),
+                Some(pb::offset_query::Position::Latest(_)) => Ok(OffsetSpec::Latest),
+                Some(pb::offset_query::Position::TimestampMs(t)) => Ok(OffsetSpec::Timestamp(t)),
+                // The query alone is malformed; the others still get their answers.
+                None => Err(BrokerError::InvalidRequest(
+                    "an offset query needs earliest, latest or timestamp_ms".into(),
+                )),
             };
-            offsets.push(match self.broker.list_offset(&r.topic, q.partition, spec) {
+            let found = spec.and_then(|spec| self.broker.list_offset(&r.topic, q.partition, spec));
+            offsets.push(match found {
                 Ok(offset) => pb::PartitionOffset {
                     partition: q.partition,
                     offset: offset.0,
@@ -403,6 +438,7 @@ impl Octolog for OctologService {
                 "a subscription needs at least one partition",
             ));
         }
+        check_distinct(r.partitions.iter().map(|p| p.partition))?;
         let mut positions = Vec::with_capacity(r.partitions.len());
         for p in &r.partitions {
             positions.push((
@@ -433,7 +469,8 @@ impl Octolog for OctologService {
                     if !(failed || has_data) {
                         continue;
                     }
-                    let data = partition_data(partition.id(), result, *position, format);
+                    let log = Some(partition.log());
+                    let data = partition_data(partition.id(), result, *position, format, log);
                     *position = next_offset(&data.batches, *position);
                     if let Some(last) = data.records.last() {
                         *position = Offset(position.0.max(last.offset + 1));

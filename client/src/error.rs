@@ -68,26 +68,30 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether the error is an unknown topic.
+    /// Whether the error is an unknown topic: one that does not exist, or was deleted while a
+    /// request waited on it.
     pub fn is_unknown_topic(&self) -> bool {
         matches!(
             self,
             ClientError::Broker {
                 code: tonic::Code::NotFound,
                 ..
-            }
+            } | ClientError::Partition { code: 1, .. }
         )
     }
 
-    /// Whether the error is an offset outside the log.
+    /// Whether the error is an offset outside the log: found by a seek, or reported by the
+    /// broker.
     pub fn is_offset_out_of_range(&self) -> bool {
         matches!(
             self,
-            ClientError::Broker {
-                code: tonic::Code::OutOfRange,
-                ..
-            }
-        ) || matches!(self, ClientError::Partition { code: 3, .. })
+            ClientError::OffsetOutOfRange { .. }
+                | ClientError::Broker {
+                    code: tonic::Code::OutOfRange,
+                    ..
+                }
+                | ClientError::Partition { code: 3, .. }
+        )
     }
 }
 

@@ -365,17 +365,34 @@ impl Producer {
         let partition = match (record.partition, &record.key) {
             (Some(p), _) => p,
             (None, Some(key)) => partition_for_key(key, count),
-            (None, None) => *state
-                .sticky
-                .entry(Arc::clone(&topic))
-                .or_insert_with(|| (now_ms() as u32) % count),
+            (None, None) => {
+                // Stay on the sticky partition while its batch is open; once that batch is
+                // closed (full, lingered or flushed), move on to the next partition.
+                let p = match state.sticky.get(&topic) {
+                    None => (now_ms() as u32) % count,
+                    Some(&p) => {
+                        let open = state
+                            .queues
+                            .get(&(Arc::clone(&topic), p))
+                            .is_some_and(|q| q.open.is_some());
+                        if open {
+                            p
+                        } else {
+                            (p + 1) % count
+                        }
+                    }
+                };
+                state.sticky.insert(Arc::clone(&topic), p);
+                p
+            }
         };
         let batch_bytes = shared.batch_bytes;
         let queue = state
             .queues
             .entry((Arc::clone(&topic), partition))
             .or_default();
-        if queue.open.is_none() {
+        let opened = queue.open.is_none();
+        if opened {
             queue.open = Some(OpenBatch {
                 builder: BatchBuilder::with_capacity(batch_bytes.min(1 << 20)),
                 ack: Arc::new(BatchAck::default()),
@@ -401,14 +418,13 @@ impl Producer {
             ack: Arc::clone(&open.ack),
             index: (open.builder.record_count() - 1) as u32,
         };
-        if open.builder.size_bytes() >= batch_bytes {
+        let full = open.builder.size_bytes() >= batch_bytes;
+        if full {
             close_open_batch(queue);
-            if record.partition.is_none() && record.key.is_none() {
-                state
-                    .sticky
-                    .insert(Arc::clone(&topic), (partition + 1) % count);
-            }
-            drop(guard);
+        }
+        drop(guard);
+        // A full batch is ready to go; a new one has a linger deadline the sender must learn.
+        if full || opened {
             shared.wake.notify_one();
         }
         Ok(delivery)
