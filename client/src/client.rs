@@ -49,7 +49,11 @@ impl Client {
             let mut reason = e.to_string();
             let mut source = std::error::Error::source(&e);
             while let Some(inner) = source {
-                reason = format!("{reason}: {inner}");
+                // Layers often repeat their inner error's text: add only what is new.
+                let text = inner.to_string();
+                if !reason.ends_with(&text) {
+                    reason = format!("{reason}: {text}");
+                }
                 source = inner.source();
             }
             connect_error(reason)

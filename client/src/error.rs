@@ -80,6 +80,17 @@ impl ClientError {
         )
     }
 
+    /// Whether the error is a topic that exists already (on create).
+    pub fn is_already_exists(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Broker {
+                code: tonic::Code::AlreadyExists,
+                ..
+            }
+        )
+    }
+
     /// Whether the error is an offset outside the log: found by a seek, or reported by the
     /// broker.
     pub fn is_offset_out_of_range(&self) -> bool {
