@@ -28,6 +28,10 @@ use crate::service::OctologService;
 
 /// How often the maintenance task looks for due flushes (`interval-ms` policy).
 pub const MAINTENANCE_TICK_MS: u64 = 50;
+/// How often an idle connection is pinged to check that its peer is alive.
+pub const KEEPALIVE_INTERVAL_MS: u64 = 30_000;
+/// How long a ping may go unanswered before the connection is closed.
+pub const KEEPALIVE_TIMEOUT_MS: u64 = 10_000;
 /// How long to wait before accepting again after `accept` failed (e.g. out of file handles).
 const ACCEPT_RETRY_MS: u64 = 50;
 
@@ -214,6 +218,10 @@ pub async fn run(
     let served = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        // Dead peers (a client host that vanished) are found by HTTP/2 pings and their
+        // connection slot freed, rather than held until the operating system gives up.
+        .http2_keepalive_interval(Some(Duration::from_millis(KEEPALIVE_INTERVAL_MS)))
+        .http2_keepalive_timeout(Some(Duration::from_millis(KEEPALIVE_TIMEOUT_MS)))
         .add_service(OversizeIsResourceExhausted(service))
         .serve_with_incoming_shutdown(incoming(listener, connections), signal)
         .await;
