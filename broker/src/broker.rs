@@ -212,6 +212,16 @@ impl Broker {
         Ok(())
     }
 
+    /// Every topic, as a snapshot: the map's lock is not held while the caller works.
+    fn all_topics(&self) -> Vec<Arc<Topic>> {
+        self.topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// The topic called `name`.
     ///
     /// # Errors
@@ -588,13 +598,7 @@ impl Broker {
     /// One maintenance round: flushes partitions whose interval is due and, when
     /// `check_retention`, applies retention. Blocking (fsyncs, deletions); errors are logged.
     pub fn maintain(&self, check_retention: bool) {
-        let topics: Vec<Arc<Topic>> = self
-            .topics
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let topics = self.all_topics();
         let now = now_ms();
         for topic in topics {
             for partition in topic.partitions() {
@@ -634,13 +638,7 @@ impl Broker {
     /// The first error met; every log is still tried.
     pub fn close(&self) -> Result<()> {
         self.begin_shutdown();
-        let topics: Vec<Arc<Topic>> = self
-            .topics
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let topics = self.all_topics();
         let mut first_error = None;
         for topic in topics {
             if let Err(e) = topic.close() {
