@@ -257,10 +257,14 @@ impl Log {
             writer: Mutex::new(()),
             high_watermark: AtomicU64::new(log_end_offset),
             log_end_offset: AtomicU64::new(log_end_offset),
+            // After a clean close everything is on disk. Otherwise what the checkpoint vouches
+            // for still is (recovery only cut above it), and the flush below covers the rest.
             recovery_point: AtomicU64::new(if report.clean_shutdown && !recovering {
                 log_end_offset
             } else {
-                0
+                checkpoint
+                    .map_or(0, |c| c.recovery_point)
+                    .clamp(log_start_offset, log_end_offset)
             }),
             flush_state: Mutex::new(FlushState {
                 last_flush: Instant::now(),
