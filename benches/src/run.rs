@@ -1,0 +1,680 @@
+//! One end-to-end run: start (or reach) a broker, create a fresh topic, produce and consume
+//! concurrently, and measure throughput and end-to-end latency.
+//!
+//! Record values: the first 8 bytes are the send time in nanoseconds since the Unix epoch, the
+//! next 8 the record's index in its producer's sequence (both little-endian u64); the rest is
+//! filler (`args::MESSAGE_HEADER_BYTES`). A consumer subtracts the send time from the time the
+//! record reached it, so latency covers batching (linger), the produce request, the append, the
+//! fetch and decoding. Producers and consumers run in this process, so they share one clock.
+//!
+//! Throughput counts record values only (not keys, headers or framing); MB = 10^6 bytes.
+//! Produce time runs from the shared start until every record is acknowledged; consume time
+//! from the same start until the last record was received.
+//!
+//! Every wait is bounded: a stalled consumer gives up after `STALL_TIMEOUT`, the broker's shutdown
+//! after `SHUTDOWN_TIMEOUT`, pending deliveries are capped at `DELIVERIES_PENDING_MAX`.
+
+use std::collections::VecDeque;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use hdrhistogram::Histogram;
+use octolog_broker::{server, Broker, BrokerConfig};
+use octolog_client::{Client, ProducerRecord, StartAt, TopicOptions};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::args::{Plan, MESSAGE_HEADER_BYTES};
+use crate::error::{context, BenchError};
+
+/// How often the progress line on stderr is refreshed.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a batch waits for more records before it is sent (the producer's `linger`).
+pub const PRODUCER_LINGER: Duration = Duration::from_millis(5);
+/// Most deliveries a producer keeps unchecked; past it, it awaits the oldest before sending more.
+pub const DELIVERIES_PENDING_MAX: usize = 65_536;
+/// How long a consumer's fetch waits at the broker before answering empty.
+pub const CONSUMER_MAX_WAIT: Duration = Duration::from_millis(100);
+/// How long the run waits without any record consumed before giving up.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A paced producer this far behind its schedule forgets the backlog instead of bursting to
+/// catch up, so a pause is not followed by a flood above the asked rate.
+pub const PACING_LAG_MAX: Duration = Duration::from_millis(100);
+/// A paced producer sleeps only when at least this far ahead of its schedule (timer resolution).
+pub const PACING_SLEEP_MIN: Duration = Duration::from_millis(1);
+/// Largest latency the histogram holds (1 hour, in µs); larger values count as this.
+pub const LATENCY_US_MAX: u64 = 3_600_000_000;
+/// Significant decimal digits the histogram keeps (relative error below 0.1%).
+pub const LATENCY_SIGNIFICANT_DIGITS: u8 = 3;
+/// How long the in-process broker may take to shut down.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The figures of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// Records sent and received.
+    pub records: u64,
+    /// Bytes of record values sent and received.
+    pub bytes: u64,
+    /// Size of each record's value.
+    pub message_bytes: usize,
+    /// Partitions of the topic.
+    pub partitions: u32,
+    /// Producer tasks.
+    pub producers: usize,
+    /// Consumer tasks.
+    pub consumers: usize,
+    /// The flush policy, or `broker` when an external broker decides.
+    pub fsync: String,
+    /// The broker measured, and whether this tool started it.
+    pub broker: String,
+    /// The asked total rate in MB/s, if paced.
+    pub rate_mb_s: Option<f64>,
+    /// Seconds from the start until every record was acknowledged.
+    pub produce_secs: f64,
+    /// Seconds from the start until the last record was received.
+    pub consume_secs: f64,
+    /// Leading records per producer left out of the latency figures.
+    pub warmup_records_per_producer: u64,
+    /// Latencies recorded.
+    pub latency_samples: u64,
+    /// Median end-to-end latency, µs.
+    pub latency_p50_us: u64,
+    /// 99th percentile, µs.
+    pub latency_p99_us: u64,
+    /// 99.9th percentile, µs.
+    pub latency_p999_us: u64,
+    /// Largest, µs.
+    pub latency_max_us: u64,
+}
+
+/// `value / secs`, or 0 for a zero duration.
+fn per_second(value: f64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        value / secs
+    } else {
+        0.0
+    }
+}
+
+impl Report {
+    /// Produce throughput, MB (10^6 bytes) of record values per second.
+    pub fn produce_mb_s(&self) -> f64 {
+        per_second(self.bytes as f64 / 1e6, self.produce_secs)
+    }
+    /// Produce throughput, records per second.
+    pub fn produce_records_s(&self) -> f64 {
+        per_second(self.records as f64, self.produce_secs)
+    }
+    /// Consume throughput, MB (10^6 bytes) of record values per second.
+    pub fn consume_mb_s(&self) -> f64 {
+        per_second(self.bytes as f64 / 1e6, self.consume_secs)
+    }
+    /// Consume throughput, records per second.
+    pub fn consume_records_s(&self) -> f64 {
+        per_second(self.records as f64, self.consume_secs)
+    }
+
+    /// One JSON object with every figure as a number (INTERFACE.md keys first).
+    pub fn to_json(&self) -> serde_json::Value {
+        let round = |v: f64| (v * 1000.0).round() / 1000.0;
+        serde_json::json!({
+            "produce_mb_s": round(self.produce_mb_s()),
+            "produce_records_s": round(self.produce_records_s()),
+            "consume_mb_s": round(self.consume_mb_s()),
+            "consume_records_s": round(self.consume_records_s()),
+            "latency_p50_us": self.latency_p50_us,
+            "latency_p99_us": self.latency_p99_us,
+            "latency_p999_us": self.latency_p999_us,
+            "latency_max_us": self.latency_max_us,
+            "latency_samples": self.latency_samples,
+            "records": self.records,
+            "bytes": self.bytes,
+            "message_bytes": self.message_bytes,
+            "partitions": self.partitions,
+            "producers": self.producers,
+            "consumers": self.consumers,
+            "fsync": self.fsync,
+            "broker": self.broker,
+            "rate_mb_s": self.rate_mb_s,
+            "produce_secs": round(self.produce_secs),
+            "consume_secs": round(self.consume_secs),
+        })
+    }
+
+    /// Human-readable lines.
+    pub fn to_text(&self) -> String {
+        let rate = self
+            .rate_mb_s
+            .map_or("unpaced".to_string(), |r| format!("paced at {r} MB/s"));
+        format!(
+            "octolog-bench: {records} records of {message} bytes ({mb:.1} MB; MB = 10^6 bytes), \
+             {partitions} partitions, {producers} producer(s), {consumers} consumer(s), {rate}\n\
+             broker: {broker}; fsync: {fsync}\n\
+             produce: {pmb:.1} MB/s, {prec:.0} records/s ({psecs:.2} s until all acknowledged)\n\
+             consume: {cmb:.1} MB/s, {crec:.0} records/s ({csecs:.2} s until all received)\n\
+             latency (end to end, send to receive, first {warmup} records of each producer \
+             excluded, {samples} samples): p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us",
+            records = self.records,
+            message = self.message_bytes,
+            mb = self.bytes as f64 / 1e6,
+            partitions = self.partitions,
+            producers = self.producers,
+            consumers = self.consumers,
+            broker = self.broker,
+            fsync = self.fsync,
+            pmb = self.produce_mb_s(),
+            prec = self.produce_records_s(),
+            psecs = self.produce_secs,
+            cmb = self.consume_mb_s(),
+            crec = self.consume_records_s(),
+            csecs = self.consume_secs,
+            warmup = self.warmup_records_per_producer,
+            samples = self.latency_samples,
+            p50 = self.latency_p50_us,
+            p99 = self.latency_p99_us,
+            p999 = self.latency_p999_us,
+            max = self.latency_max_us,
+        )
+    }
+}
+
+/// When record `index` of a paced producer is due, after its schedule's start: records leave at
+/// `bytes_per_s`, evenly spaced.
+pub fn pacing_offset(index: u64, message_bytes: usize, bytes_per_s: f64) -> Duration {
+    assert!(bytes_per_s > 0.0);
+    Duration::from_secs_f64(index as f64 * message_bytes as f64 / bytes_per_s)
+}
+
+/// Nanoseconds since the Unix epoch (0 if the clock is before it).
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// An empty latency histogram with the tool's bounds.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, LATENCY_SIGNIFICANT_DIGITS)
+        .expect("the histogram bounds are valid constants")
+}
+
+/// Progress shared by the tasks of a run.
+#[derive(Debug, Default)]
+struct Counters {
+    /// Bytes of values handed to producers.
+    produced_bytes: AtomicU64,
+    /// Records received by consumers.
+    consumed_records: AtomicU64,
+    /// Bytes of values received by consumers.
+    consumed_bytes: AtomicU64,
+    /// Nanoseconds after the start at which a record was last received.
+    last_consumed_ns: AtomicU64,
+    /// Set when a task failed, so the others stop instead of waiting for records.
+    failed: AtomicBool,
+}
+
+/// A broker this tool started, on a temporary data dir.
+struct OwnBroker {
+    addr: SocketAddr,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<octolog_broker::Result<()>>,
+    dir: tempfile::TempDir,
+}
+
+impl OwnBroker {
+    async fn start(fsync: &str) -> Result<OwnBroker, BenchError> {
+        let dir = tempfile::Builder::new()
+            .prefix("octolog-bench-")
+            .tempdir()
+            .map_err(|source| BenchError::Io {
+                what: "cannot create a temporary data dir",
+                source,
+            })?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|source| BenchError::Io {
+                what: "cannot listen on 127.0.0.1",
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| BenchError::Io {
+            what: "cannot read the listening address",
+            source,
+        })?;
+        let config = BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            listen: addr,
+            fsync: fsync.to_string(),
+            ..BrokerConfig::default()
+        };
+        let broker = Arc::new(Broker::open(config)?);
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(listener, broker, async move {
+            let _ = stop.await;
+        }));
+        Ok(OwnBroker {
+            addr,
+            shutdown,
+            task,
+            dir,
+        })
+    }
+
+    /// Shuts the broker down (flushing its logs) and removes its data dir.
+    async fn stop(self) -> Result<(), BenchError> {
+        let _ = self.shutdown.send(());
+        match tokio::time::timeout(SHUTDOWN_TIMEOUT, self.task).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(e)) => return Err(BenchError::Task(format!("broker: {e}"))),
+            Err(_) => {
+                return Err(BenchError::Task(format!(
+                    "the in-process broker did not shut down within {} s",
+                    SHUTDOWN_TIMEOUT.as_secs()
+                )))
+            }
+        }
+        self.dir.close().map_err(|source| BenchError::Io {
+            what: "cannot remove the temporary data dir",
+            source,
+        })
+    }
+}
+
+/// Carries out `plan` and returns the figures. With no broker in the plan, starts one in-process
+/// and stops it (removing its data) before returning, also on error.
+///
+/// # Errors
+///
+/// Anything that stops the run: the broker unreachable or failing, a record lost or mangled, no
+/// progress for `STALL_TIMEOUT`.
+pub async fn run(plan: &Plan) -> Result<Report, BenchError> {
+    match &plan.broker {
+        Some(addr) => {
+            let description = format!("{addr} (external; its own fsync policy applies)");
+            measure(plan, addr.clone(), description, "broker".to_string()).await
+        }
+        None => {
+            let own = OwnBroker::start(&plan.fsync).await?;
+            let description = format!("in-process at {} on a temporary data dir", own.addr);
+            let result = measure(plan, own.addr.to_string(), description, plan.fsync.clone()).await;
+            let stopped = own.stop().await;
+            let report = result?;
+            stopped?;
+            Ok(report)
+        }
+    }
+}
+
+/// The run proper, against the broker at `addr`.
+async fn measure(
+    plan: &Plan,
+    addr: String,
+    broker: String,
+    fsync: String,
+) -> Result<Report, BenchError> {
+    let client = Client::connect(addr.clone())
+        .await
+        .map_err(context(format!("cannot connect to {addr}")))?;
+    client
+        .admin()
+        .create_topic(&plan.topic, TopicOptions::new().partitions(plan.partitions))
+        .await
+        .map_err(context(format!("cannot create topic {}", plan.topic)))?;
+    let plan = Arc::new(plan.clone());
+    let counters = Arc::new(Counters::default());
+    let start = Instant::now();
+    let start_ns = now_ns();
+
+    let consumers: Vec<_> = (0..plan.consumers)
+        .map(|index| {
+            let partitions: Vec<u32> = (0..plan.partitions)
+                .filter(|p| *p as usize % plan.consumers == index)
+                .collect();
+            tokio::spawn(consume(
+                client.clone(),
+                Arc::clone(&plan),
+                partitions,
+                Arc::clone(&counters),
+                start_ns,
+            ))
+        })
+        .collect();
+    let producers: Vec<_> = (0..plan.producers)
+        .map(|index| {
+            tokio::spawn(produce(
+                client.clone(),
+                Arc::clone(&plan),
+                index,
+                start,
+                Arc::clone(&counters),
+            ))
+        })
+        .collect();
+    let progress = tokio::spawn(progress(Arc::clone(&plan), Arc::clone(&counters)));
+
+    let mut first_error = None;
+    for handle in producers {
+        let outcome = match handle.await {
+            Ok(outcome) => outcome,
+            Err(e) => Err(BenchError::Task(format!("producer: {e}"))),
+        };
+        if let Err(e) = outcome {
+            counters.failed.store(true, Ordering::Release);
+            first_error.get_or_insert(e);
+        }
+    }
+    let produce_secs = start.elapsed().as_secs_f64();
+    let mut histogram = new_histogram();
+    for handle in consumers {
+        match handle.await {
+            Ok(Ok(h)) => histogram
+                .add(&h)
+                .expect("histograms with the same bounds add up"),
+            Ok(Err(e)) => {
+                counters.failed.store(true, Ordering::Release);
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                counters.failed.store(true, Ordering::Release);
+                first_error.get_or_insert(BenchError::Task(format!("consumer: {e}")));
+            }
+        }
+    }
+    progress.abort();
+    let _ = progress.await;
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let consumed = counters.consumed_records.load(Ordering::Acquire);
+    if consumed != plan.records {
+        return Err(BenchError::Task(format!(
+            "consumed {consumed} records, expected {}",
+            plan.records
+        )));
+    }
+    let consume_secs = counters.last_consumed_ns.load(Ordering::Acquire) as f64 / 1e9;
+    Ok(Report {
+        records: plan.records,
+        bytes: plan.bytes(),
+        message_bytes: plan.message_bytes,
+        partitions: plan.partitions,
+        producers: plan.producers,
+        consumers: plan.consumers,
+        fsync,
+        broker,
+        rate_mb_s: plan.rate_bytes_per_s.map(|r| r / 1e6),
+        produce_secs,
+        consume_secs,
+        warmup_records_per_producer: plan.warmup_records_per_producer,
+        latency_samples: histogram.len(),
+        latency_p50_us: histogram.value_at_quantile(0.5),
+        latency_p99_us: histogram.value_at_quantile(0.99),
+        latency_p999_us: histogram.value_at_quantile(0.999),
+        latency_max_us: histogram.max(),
+    })
+}
+
+/// Producer `index`: sends its share of the records, keyless (the client spreads them over the
+/// partitions), paced if the plan says so, and waits until all are acknowledged.
+async fn produce(
+    client: Client,
+    plan: Arc<Plan>,
+    index: usize,
+    start: Instant,
+    counters: Arc<Counters>,
+) -> Result<(), BenchError> {
+    let producer = client
+        .producer()
+        .linger(PRODUCER_LINGER)
+        .batch_bytes(plan.batch_bytes)
+        .build()
+        .await
+        .map_err(context("cannot start a producer"))?;
+    let records = plan.producer_records[index];
+    let rate = plan.rate_bytes_per_s.map(|r| r / plan.producers as f64);
+    let mut template = BytesMut::zeroed(plan.message_bytes);
+    for (i, byte) in template.iter_mut().enumerate().skip(MESSAGE_HEADER_BYTES) {
+        *byte = b'a' + (i % 26) as u8;
+    }
+    let mut pending = VecDeque::with_capacity(DELIVERIES_PENDING_MAX.min(records as usize));
+    // The pacing schedule: record `seq` is due at `schedule_start + pacing_offset(seq -
+    // schedule_first)`; both move when the producer falls too far behind.
+    let mut schedule_start = start;
+    let mut schedule_first = 0u64;
+    for seq in 0..records {
+        if counters.failed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let Some(rate) = rate {
+            let due =
+                schedule_start + pacing_offset(seq - schedule_first, plan.message_bytes, rate);
+            let now = Instant::now();
+            if due > now + PACING_SLEEP_MIN {
+                tokio::time::sleep_until(due).await;
+            } else if now > due + PACING_LAG_MAX {
+                schedule_start = now;
+                schedule_first = seq;
+            }
+        }
+        let mut value = BytesMut::from(&template[..]);
+        value[0..8].copy_from_slice(&now_ns().to_le_bytes());
+        value[8..16].copy_from_slice(&seq.to_le_bytes());
+        let delivery = producer
+            .send(ProducerRecord::new(plan.topic.as_str(), value.freeze()))
+            .await
+            .map_err(context("cannot send a record"))?;
+        counters
+            .produced_bytes
+            .fetch_add(plan.message_bytes as u64, Ordering::Relaxed);
+        pending.push_back(delivery);
+        if pending.len() >= DELIVERIES_PENDING_MAX {
+            if let Some(oldest) = pending.pop_front() {
+                oldest.await.map_err(context("a record was not stored"))?;
+            }
+        }
+    }
+    producer.flush().await;
+    for delivery in pending {
+        delivery.await.map_err(context("a record was not stored"))?;
+    }
+    producer.close().await;
+    Ok(())
+}
+
+/// A consumer of `partitions` from the beginning: receives until every record of the run has
+/// arrived (at any consumer) and returns its latency histogram.
+async fn consume(
+    client: Client,
+    plan: Arc<Plan>,
+    partitions: Vec<u32>,
+    counters: Arc<Counters>,
+    start_ns: u64,
+) -> Result<Histogram<u64>, BenchError> {
+    let mut consumer = client
+        .consumer(plan.topic.as_str())
+        .max_wait(CONSUMER_MAX_WAIT)
+        .build()
+        .await
+        .map_err(context("cannot start a consumer"))?;
+    consumer
+        .assign(&partitions, StartAt::Beginning)
+        .await
+        .map_err(context(format!("cannot assign partitions {partitions:?}")))?;
+    let mut histogram = new_histogram();
+    loop {
+        if counters.failed.load(Ordering::Relaxed) {
+            return Ok(histogram);
+        }
+        let consumed = counters.consumed_records.load(Ordering::Acquire);
+        if consumed >= plan.records {
+            return Ok(histogram);
+        }
+        let records = consumer
+            .poll()
+            .await
+            .map_err(context("cannot fetch records"))?;
+        let received_ns = now_ns();
+        if records.is_empty() {
+            let last = start_ns + counters.last_consumed_ns.load(Ordering::Acquire);
+            let idle = Duration::from_nanos(received_ns.saturating_sub(last));
+            if idle > STALL_TIMEOUT {
+                return Err(BenchError::Stalled {
+                    seconds: idle.as_secs(),
+                    missing: plan.records - consumed,
+                    records: plan.records,
+                });
+            }
+            continue;
+        }
+        for record in &records {
+            let bad = |reason: String| BenchError::BadRecord {
+                partition: record.partition(),
+                offset: record.offset().0,
+                reason,
+            };
+            let value = record.value().ok_or_else(|| bad("null value".into()))?;
+            if value.len() != plan.message_bytes {
+                return Err(bad(format!(
+                    "value of {} bytes, expected {}",
+                    value.len(),
+                    plan.message_bytes
+                )));
+            }
+            let field = |at: usize| {
+                let mut le = [0u8; 8];
+                le.copy_from_slice(&value[at..at + 8]);
+                u64::from_le_bytes(le)
+            };
+            let sent_ns = field(0);
+            let seq = field(8);
+            if seq >= plan.warmup_records_per_producer {
+                histogram.saturating_record(received_ns.saturating_sub(sent_ns) / 1000);
+            }
+        }
+        let count = records.len() as u64;
+        counters
+            .consumed_bytes
+            .fetch_add(count * plan.message_bytes as u64, Ordering::Relaxed);
+        counters
+            .last_consumed_ns
+            .fetch_max(received_ns.saturating_sub(start_ns), Ordering::AcqRel);
+        let total = counters.consumed_records.fetch_add(count, Ordering::AcqRel) + count;
+        if total > plan.records {
+            return Err(BenchError::Task(format!(
+                "received {total} records, more than the {} sent",
+                plan.records
+            )));
+        }
+    }
+}
+
+/// Writes a progress line to stderr every `PROGRESS_INTERVAL` until aborted: overwritten in place
+/// on a terminal, one line per interval otherwise.
+async fn progress(plan: Arc<Plan>, counters: Arc<Counters>) {
+    let terminal = std::io::stderr().is_terminal();
+    let mut ticks = tokio::time::interval(PROGRESS_INTERVAL);
+    ticks.tick().await;
+    let mut last_bytes = 0u64;
+    let mut last_at = Instant::now();
+    loop {
+        ticks.tick().await;
+        let produced = counters.produced_bytes.load(Ordering::Relaxed);
+        let consumed = counters.consumed_bytes.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let mb_s = per_second(
+            (produced - last_bytes) as f64 / 1e6,
+            (now - last_at).as_secs_f64(),
+        );
+        last_bytes = produced;
+        last_at = now;
+        let line = format!(
+            "produced {:.1}/{:.1} MB ({mb_s:.1} MB/s now), consumed {:.1} MB",
+            produced as f64 / 1e6,
+            plan.bytes() as f64 / 1e6,
+            consumed as f64 / 1e6,
+        );
+        let mut stderr = std::io::stderr().lock();
+        let _ = if terminal {
+            write!(stderr, "\r{line}\x1b[K")
+        } else {
+            writeln!(stderr, "{line}")
+        };
+        let _ = stderr.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacing_spreads_records_evenly_at_the_rate() {
+        let check = |index: u64, message_bytes: usize, bytes_per_s: f64, expected_ms: u64| {
+            let offset = pacing_offset(index, message_bytes, bytes_per_s);
+            assert_eq!(
+                offset.as_millis() as u64,
+                expected_ms,
+                "{index} {message_bytes}"
+            );
+        };
+        check(0, 1024, 1e6, 0);
+        // 50 MB/s of 1000-byte records: 50,000 records a second.
+        check(50_000, 1000, 50e6, 1000);
+        check(25_000, 1000, 50e6, 500);
+        check(1, 1_000_000, 1e6, 1000);
+    }
+
+    #[test]
+    fn json_has_the_interface_keys_as_numbers() {
+        let report = Report {
+            records: 1000,
+            bytes: 1_024_000,
+            message_bytes: 1024,
+            partitions: 8,
+            producers: 1,
+            consumers: 1,
+            fsync: "never".into(),
+            broker: "in-process".into(),
+            rate_mb_s: None,
+            produce_secs: 0.5,
+            consume_secs: 1.0,
+            warmup_records_per_producer: 100,
+            latency_samples: 900,
+            latency_p50_us: 10,
+            latency_p99_us: 20,
+            latency_p999_us: 30,
+            latency_max_us: 40,
+        };
+        let json = report.to_json();
+        for key in [
+            "produce_mb_s",
+            "produce_records_s",
+            "consume_mb_s",
+            "consume_records_s",
+            "latency_p50_us",
+            "latency_p99_us",
+            "latency_p999_us",
+            "latency_max_us",
+            "records",
+            "bytes",
+            "partitions",
+            "producers",
+            "consumers",
+        ] {
+            assert!(json[key].is_number(), "{key} in {json}");
+        }
+        assert_eq!(json["produce_mb_s"].as_f64(), Some(2.048));
+        assert_eq!(json["consume_records_s"].as_f64(), Some(1000.0));
+        assert_eq!(json["fsync"], "never");
+        assert!(report.to_text().contains("p99.9 30 us"));
+    }
+}

@@ -1,0 +1,78 @@
+//! Runs the real `octolog-bench` binary against its own in-process broker.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_octolog-bench");
+
+/// Guards the `--json` contract of INTERFACE.md: every key present, as numbers, and every record
+/// sent is received.
+#[test]
+fn json_run_reports_every_key_and_all_records() {
+    let total_bytes = 2_000_000u64;
+    let message_bytes = 1024u64;
+    let output = Command::new(BIN)
+        .args(["--total-bytes", &total_bytes.to_string(), "--json"])
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert_eq!(stdout.lines().count(), 1, "one JSON object: {stdout}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    for key in [
+        "produce_mb_s",
+        "produce_records_s",
+        "consume_mb_s",
+        "consume_records_s",
+    ] {
+        let value = json[key].as_f64().unwrap_or(0.0);
+        assert!(value > 0.0, "{key} = {value} in {json}");
+    }
+    for key in [
+        "latency_p50_us",
+        "latency_p99_us",
+        "latency_p999_us",
+        "latency_max_us",
+    ] {
+        assert!(json[key].is_u64(), "{key} in {json}");
+    }
+    let p50 = json["latency_p50_us"].as_u64().unwrap_or(0);
+    let p99 = json["latency_p99_us"].as_u64().unwrap_or(0);
+    let max = json["latency_max_us"].as_u64().unwrap_or(0);
+    assert!(0 < p50, "{json}");
+    assert!(p50 <= p99, "{json}");
+    assert!(p99 <= max, "{json}");
+    assert_eq!(json["records"].as_u64(), Some(total_bytes / message_bytes));
+    assert_eq!(
+        json["bytes"].as_u64(),
+        Some(total_bytes / message_bytes * message_bytes)
+    );
+    assert_eq!(json["partitions"].as_u64(), Some(8));
+    assert_eq!(json["producers"].as_u64(), Some(1));
+    assert_eq!(json["consumers"].as_u64(), Some(1));
+    assert_eq!(json["fsync"], "never");
+}
+
+/// Guards the exit statuses: 2 for a bad flag, 1 with `error: ...` for an unreachable broker.
+#[test]
+fn bad_flags_exit_2_and_unreachable_broker_exits_1() {
+    let output = Command::new(BIN)
+        .args(["--message-bytes", "4"])
+        .output()
+        .expect("the binary runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--message-bytes"));
+
+    // Port 1 on loopback: nothing listens there, so the connection is refused at once.
+    let output = Command::new(BIN)
+        .args(["--broker", "127.0.0.1:1", "--total-bytes", "2MB"])
+        .output()
+        .expect("the binary runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(output.stdout.is_empty());
+}
