@@ -272,3 +272,46 @@ async fn kill_9_loses_no_acknowledged_record() {
         .expect("next");
     assert_eq!(value_text(&record), "after");
 }
+
+/// Guards that a subscriber which stops reading cannot hold up the broker's shutdown: after
+/// `shutdown_grace_ms` its connection is dropped and the logs are closed cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_up_by_a_subscriber_that_stopped_reading() {
+    let broker = TestBroker::start_with(|config| config.shutdown_grace_ms = 300).await;
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("unread", TopicOptions::new().partitions(1))
+        .await
+        .unwrap();
+    let producer = client.producer().build().await.unwrap();
+    let value = vec![b'x'; 64 << 10];
+    let mut last = None;
+    // 32 MiB: more than the subscription queue and the HTTP/2 windows hold.
+    for _ in 0..512 {
+        last = Some(
+            producer
+                .send(ProducerRecord::new("unread", value.clone()).partition(0))
+                .await
+                .unwrap(),
+        );
+    }
+    producer.flush().await;
+    last.unwrap().await.unwrap();
+    let mut consumer = client
+        .consumer("unread")
+        .push(true)
+        .partition_bytes_max(1 << 20)
+        .build()
+        .await
+        .unwrap();
+    consumer.assign(&[0], StartAt::Beginning).await.unwrap();
+    // Read one answer so the subscription is flowing, then stop reading.
+    within("first pushed record", consumer.next())
+        .await
+        .unwrap();
+    // `stop` fails the test if the broker does not shut down (and close its logs) in time.
+    let dir = broker.stop().await;
+    assert!(dir.path().join("unread/0/clean-shutdown").exists());
+    drop(consumer);
+}

@@ -604,3 +604,53 @@ fn now_ms() -> i64 {
         .expect("clock after 1970")
         .as_millis() as i64
 }
+
+/// Guards that a seek on one partition loses nothing read ahead for the others, and that
+/// `position` counts only what was handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seek_on_one_partition_keeps_the_others_records() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    create(&client, "seek-keeps", 2).await;
+    let producer = client.producer().build().await.unwrap();
+    let mut deliveries = Vec::new();
+    for p in 0..2u32 {
+        for i in 0..10 {
+            let record = ProducerRecord::new("seek-keeps", format!("p{p}-{i}")).partition(p);
+            deliveries.push(producer.send(record).await.unwrap());
+        }
+    }
+    producer.flush().await;
+    for d in deliveries {
+        d.await.unwrap();
+    }
+    let mut consumer = client.consumer("seek-keeps").build().await.unwrap();
+    consumer.assign(&[0, 1], StartAt::Beginning).await.unwrap();
+    let first = within("first record", consumer.next()).await.unwrap();
+    let other = 1 - first.partition();
+    assert_eq!(
+        consumer.position(first.partition()),
+        Some(Offset(first.offset().0 + 1))
+    );
+    assert_eq!(
+        consumer.position(other),
+        Some(Offset(0)),
+        "nothing of it was handed out"
+    );
+    // Replay the first record's partition; the other one goes on from where it was.
+    consumer
+        .seek(first.partition(), StartAt::Offset(Offset(0)))
+        .await
+        .unwrap();
+    let mut seen = [Vec::new(), Vec::new()];
+    while seen[0].len() < 10 || seen[1].len() < 10 {
+        for record in within("records after the seek", consumer.poll())
+            .await
+            .unwrap()
+        {
+            seen[record.partition() as usize].push(record.offset().0);
+        }
+    }
+    assert_eq!(seen[0], (0..10).collect::<Vec<_>>());
+    assert_eq!(seen[1], (0..10).collect::<Vec<_>>());
+}

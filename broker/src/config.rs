@@ -56,6 +56,9 @@ pub struct BrokerConfig {
     pub subscriptions_max: usize,
     /// How often to check retention. Default 60,000 ms.
     pub retention_check_interval_ms: u64,
+    /// How long shutdown waits for open requests and streams (a client that stopped reading)
+    /// before dropping their connections. Default 10,000 ms.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -77,6 +80,7 @@ impl Default for BrokerConfig {
             connections_max: 1024,
             subscriptions_max: 1024,
             retention_check_interval_ms: 60_000,
+            shutdown_grace_ms: 10_000,
         }
     }
 }

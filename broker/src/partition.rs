@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use octolog_batch::Offset;
 use octolog_storage::{AppendInfo, FlushPolicy, Log, LogConfig, ReadBatches, RetentionOutcome};
+use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
 
@@ -22,11 +23,20 @@ pub struct Partition {
     id: u32,
     /// The partition's log.
     log: Arc<Log>,
+    /// The topic's append watch, bumped after every append so waiting fetches and
+    /// subscriptions wake, even when the request that appended was cancelled meanwhile.
+    appended: Arc<watch::Sender<u64>>,
 }
 
 impl Partition {
     /// Opens (recovering if needed) the log of partition `id` in `dir`.
-    pub(crate) fn open(topic: &str, id: u32, dir: &Path, config: LogConfig) -> Result<Partition> {
+    pub(crate) fn open(
+        topic: &str,
+        id: u32,
+        dir: &Path,
+        config: LogConfig,
+        appended: Arc<watch::Sender<u64>>,
+    ) -> Result<Partition> {
         let log = Log::open(dir, config).map_err(|source| BrokerError::Storage {
             topic: topic.to_string(),
             partition: id,
@@ -45,6 +55,7 @@ impl Partition {
             topic: topic.to_string(),
             id,
             log: Arc::new(log),
+            appended,
         })
     }
 
@@ -72,13 +83,23 @@ impl Partition {
     ///
     /// `Storage` wrapping what the log said (invalid batch, too large, I/O).
     pub async fn append(&self, mut batches: BytesMut) -> Result<AppendInfo> {
-        let result = if self.log.config().flush == FlushPolicy::Always {
+        let mut append = {
             let log = Arc::clone(&self.log);
-            tokio::task::spawn_blocking(move || log.append(&mut batches))
+            let appended = Arc::clone(&self.appended);
+            move || {
+                let result = log.append(&mut batches);
+                if result.is_ok() {
+                    appended.send_modify(|n| *n = n.wrapping_add(1));
+                }
+                result
+            }
+        };
+        let result = if self.log.config().flush == FlushPolicy::Always {
+            tokio::task::spawn_blocking(append)
                 .await
                 .map_err(|e| BrokerError::InvalidRequest(format!("append task failed: {e}")))?
         } else {
-            self.log.append(&mut batches)
+            append()
         };
         result.map_err(|e| self.storage_error(e))
     }

@@ -215,7 +215,7 @@ pub async fn run(
         tracing::info!("shutting down: finishing in-flight requests");
         signal_broker.begin_shutdown();
     };
-    let served = tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
         // Dead peers (a client host that vanished) are found by HTTP/2 pings and their
@@ -223,8 +223,22 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_millis(KEEPALIVE_INTERVAL_MS)))
         .http2_keepalive_timeout(Some(Duration::from_millis(KEEPALIVE_TIMEOUT_MS)))
         .add_service(OversizeIsResourceExhausted(service))
-        .serve_with_incoming_shutdown(incoming(listener, connections), signal)
-        .await;
+        .serve_with_incoming_shutdown(incoming(listener, connections), signal);
+    // Graceful shutdown waits for open requests and streams; a client that stops reading must
+    // not hold it up for ever, so after `shutdown_grace_ms` the remaining connections are dropped.
+    let mut down = broker.watch_shutdown();
+    let grace_ms = config.shutdown_grace_ms;
+    let grace = async move {
+        let _ = down.wait_for(|down| *down).await;
+        tokio::time::sleep(Duration::from_millis(grace_ms)).await;
+    };
+    let served = tokio::select! {
+        served = serve => served,
+        () = grace => {
+            tracing::warn!(grace_ms, "shutdown grace period over: dropping open connections");
+            Ok(())
+        }
+    };
     broker.begin_shutdown();
     let _ = maintenance_task.await;
     let closing = Arc::clone(&broker);

@@ -320,7 +320,11 @@ impl Octolog for OctologService {
                     log_end_offset: info.log_end_offset.0,
                     ..Default::default()
                 },
-                Err(BrokerError::ShuttingDown) => return Err(status(BrokerError::ShuttingDown)),
+                // Nothing appended yet: fail the request as a whole. Later, report it per
+                // partition, since earlier partitions of the request were appended.
+                Err(BrokerError::ShuttingDown) if results.is_empty() => {
+                    return Err(status(BrokerError::ShuttingDown))
+                }
                 Err(e) => pb::PartitionProduceResult {
                     partition: p.partition,
                     error_code: error_code(&e) as i32,
@@ -475,13 +479,19 @@ impl Octolog for OctologService {
                     if let Some(last) = data.records.last() {
                         *position = Offset(position.0.max(last.offset + 1));
                     }
-                    if tx
-                        .send(Ok(pb::SubscribeResponse { data: Some(data) }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
+                    // Wait for room in the queue (the client's pace), but not past shutdown: a
+                    // client that stops reading must not hold the broker's shutdown up.
+                    let permit = tokio::select! {
+                        permit = tx.reserve() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => return,
+                        },
+                        _ = shutdown.wait_for(|down| *down) => {
+                            let _ = tx.try_send(Err(Status::unavailable("the broker is shutting down")));
+                            return;
+                        }
+                    };
+                    permit.send(Ok(pb::SubscribeResponse { data: Some(data) }));
                     if failed {
                         failed_partitions.push(index);
                     }
@@ -501,9 +511,7 @@ impl Octolog for OctologService {
                     }
                 }
                 if *shutdown.borrow() {
-                    let _ = tx
-                        .send(Err(Status::unavailable("the broker is shutting down")))
-                        .await;
+                    let _ = tx.try_send(Err(Status::unavailable("the broker is shutting down")));
                     return;
                 }
                 if !broker
@@ -513,7 +521,7 @@ impl Octolog for OctologService {
                     let gone = BrokerError::UnknownTopic {
                         topic: topic.name().to_string(),
                     };
-                    let _ = tx.send(Err(status(gone))).await;
+                    let _ = tx.try_send(Err(status(gone)));
                     return;
                 }
             }

@@ -115,7 +115,7 @@ pub struct Topic {
     /// One per partition, index = partition number.
     partitions: Vec<Arc<Partition>>,
     /// Bumped after every append to any partition, to wake waiting fetches and subscriptions.
-    appended: watch::Sender<u64>,
+    appended: Arc<watch::Sender<u64>>,
 }
 
 impl Topic {
@@ -177,6 +177,7 @@ impl Topic {
 
     fn open_partitions(config: &BrokerConfig, spec: TopicSpec, dir: PathBuf) -> Result<Topic> {
         let log_config = config.log_config(spec.retention_ms, spec.retention_bytes)?;
+        let appended = Arc::new(watch::channel(0).0);
         let partitions = (0..spec.partitions)
             .map(|id| {
                 Partition::open(
@@ -184,11 +185,11 @@ impl Topic {
                     id,
                     &dir.join(id.to_string()),
                     log_config.clone(),
+                    Arc::clone(&appended),
                 )
                 .map(Arc::new)
             })
             .collect::<Result<Vec<_>>>()?;
-        let (appended, _) = watch::channel(0);
         Ok(Topic {
             spec,
             dir,

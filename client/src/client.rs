@@ -9,6 +9,10 @@ use crate::error::{ClientError, Result};
 
 /// Largest gRPC message the client accepts: above the broker's largest fetch answer.
 pub(crate) const MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// How often an idle connection pings the broker.
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is dropped.
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for a TCP connection to a broker.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -42,6 +46,11 @@ impl Client {
         let endpoint = Endpoint::from_shared(uri)
             .map_err(|e| connect_error(e.to_string()))?
             .connect_timeout(CONNECT_TIMEOUT)
+            // A broker host that vanished is noticed by HTTP/2 pings, not left to TCP's
+            // retransmission timeout, so waiting calls fail instead of hanging.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(16 << 20));

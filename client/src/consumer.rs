@@ -145,6 +145,7 @@ impl ConsumerBuilder {
             positions: BTreeMap::new(),
             high_watermarks: BTreeMap::new(),
             buffered: VecDeque::new(),
+            buffered_next: BTreeMap::new(),
             fetcher: None,
         })
     }
@@ -177,6 +178,10 @@ pub struct Consumer {
     high_watermarks: BTreeMap<u32, Offset>,
     /// Records decoded and not yet handed out.
     buffered: VecDeque<ConsumerRecord>,
+    /// Per partition, the offset after the last record put in `buffered`: records below it
+    /// that come again (a batch may start before the offset asked for) are skipped. Equal to
+    /// `positions` whenever `buffered` holds nothing of that partition.
+    buffered_next: BTreeMap<u32, Offset>,
     /// The read-ahead task; restarted when positions change.
     fetcher: Option<Fetcher>,
 }
@@ -295,10 +300,20 @@ impl Consumer {
                 .all(|(p, pos)| self.high_watermarks.get(p).is_some_and(|hw| pos >= hw))
     }
 
+    /// Drops the read-ahead (and what it buffered) and restarts reading from the positions
+    /// handed out so far, so no buffered record of any partition is lost.
     fn restart(&mut self) {
         self.fetcher = None;
         self.buffered.clear();
+        self.buffered_next = self.positions.clone();
         self.high_watermarks.clear();
+    }
+
+    /// Moves the position of the record's partition past it: it has been handed out.
+    fn hand_out(&mut self, record: &ConsumerRecord) {
+        if let Some(position) = self.positions.get_mut(&record.partition) {
+            *position = Offset(record.offset.0 + 1);
+        }
     }
 
     fn start_fetcher(&mut self) {
@@ -340,16 +355,23 @@ impl Consumer {
         for data in partitions {
             self.high_watermarks
                 .insert(data.partition, Offset(data.high_watermark));
-            let Some(position) = self.positions.get_mut(&data.partition) else {
+            let Some(position) = self.buffered_next.get_mut(&data.partition) else {
                 continue;
             };
-            let records = octolog_batch::decode_batches(&data.batches).map_err(|source| {
-                ClientError::CorruptBatch {
-                    topic: self.topic.to_string(),
-                    partition: data.partition,
-                    source,
+            let records = match octolog_batch::decode_batches(&data.batches) {
+                Ok(records) => records,
+                Err(source) => {
+                    // The fetcher already moved past this answer: restart it from what was
+                    // handed out, so nothing after the bad batch is skipped.
+                    let error = ClientError::CorruptBatch {
+                        topic: self.topic.to_string(),
+                        partition: data.partition,
+                        source,
+                    };
+                    self.restart();
+                    return Err(error);
                 }
-            })?;
+            };
             for record in records {
                 let offset = record.offset as u64;
                 if offset < position.0 {
@@ -383,7 +405,11 @@ impl Consumer {
         if self.buffered.is_empty() {
             self.fill().await?;
         }
-        Ok(self.buffered.drain(..).collect())
+        let records: Vec<ConsumerRecord> = self.buffered.drain(..).collect();
+        for record in &records {
+            self.hand_out(record);
+        }
+        Ok(records)
     }
 
     /// The next record, waiting as long as it takes.
@@ -394,6 +420,7 @@ impl Consumer {
     pub async fn next(&mut self) -> Result<ConsumerRecord> {
         loop {
             if let Some(record) = self.buffered.pop_front() {
+                self.hand_out(&record);
                 return Ok(record);
             }
             self.fill().await?;

@@ -38,6 +38,8 @@ use crate::Client;
 
 /// Largest `buffer_bytes`: permits of a tokio semaphore are counted in `u32` per acquisition.
 const BUFFER_BYTES_MAX: usize = u32::MAX as usize;
+/// Largest `batch_bytes`: a v2 batch's length is an `i32`, and brokers refuse far less.
+const BATCH_BYTES_LIMIT: usize = 1 << 30;
 /// Most bytes of batches one produce request carries for a partition.
 const REQUEST_BYTES_MAX: usize = 8 << 20;
 
@@ -223,6 +225,11 @@ impl ProducerBuilder {
                 "batch_bytes and buffer_bytes must be in 1..={BUFFER_BYTES_MAX}"
             )));
         }
+        if self.batch_bytes > BATCH_BYTES_LIMIT {
+            return Err(ClientError::InvalidArgument(format!(
+                "batch_bytes must be at most {BATCH_BYTES_LIMIT}"
+            )));
+        }
         let shared = Arc::new(Shared {
             client: self.client,
             linger: self.linger,
@@ -273,6 +280,8 @@ struct State {
     queues: HashMap<(Arc<str>, u32), PartitionQueue>,
     /// Batches open, ready or in flight; `flush` waits for 0.
     outstanding: usize,
+    /// Set by the sender, under this lock, when it stops: sends must fail from then on.
+    stopped: bool,
     /// `flush` calls in progress: while > 0, open batches are closed at once.
     flushing: usize,
     /// Per topic, the partition keyless records go to until its batch is closed (Kafka's
@@ -344,9 +353,9 @@ impl Producer {
             }
         }
         let size = record.size_bytes();
-        if size > shared.buffer_bytes {
+        if size > shared.buffer_bytes.min(BATCH_BYTES_LIMIT) {
             return Err(ClientError::InvalidArgument(format!(
-                "record of {size} bytes exceeds buffer_bytes ({})",
+                "record of {size} bytes exceeds buffer_bytes ({}) or the largest batch ({BATCH_BYTES_LIMIT})",
                 shared.buffer_bytes
             )));
         }
@@ -358,6 +367,12 @@ impl Producer {
         let timestamp = record.timestamp_ms.unwrap_or_else(now_ms);
         let mut guard = shared.lock();
         let state = &mut *guard;
+        if state.stopped {
+            // Closed while this send waited: nothing would ever send the record.
+            drop(guard);
+            shared.buffer.add_permits(size);
+            return Err(ClientError::Closed);
+        }
         let topic: Arc<str> = match state.queues.keys().find(|(t, _)| **t == *record.topic) {
             Some((t, _)) => Arc::clone(t),
             None => Arc::from(record.topic.as_str()),
@@ -548,7 +563,9 @@ async fn sender(shared: Arc<Shared>) {
                     });
                 }
             }
-            closing && state.outstanding == 0
+            // Decided under the lock that `send` checks, so no record is queued after this.
+            state.stopped = closing && state.outstanding == 0;
+            state.stopped
         };
         for dispatch in dispatches {
             tokio::spawn(send_request(Arc::clone(&shared), dispatch));
