@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{assert_dense, consume_all, value_text, within, TestBroker};
+use common::{assert_dense, consume_all, from_beginning, value_text, within, TestBroker};
 use octolog_client::{
     partition_for_key, Client, ConsumerRecord, Offset, OffsetSpec, ProducerRecord, StartAt,
     TopicOptions,
@@ -201,18 +201,10 @@ async fn offsets_are_dense_and_in_send_order_per_partition() {
 
     // Small fetches: many answers, batches split over them; fetched and pushed alike.
     for push in [false, true] {
-        let mut consumer = client
-            .consumer("orders")
-            .push(push)
-            .partition_bytes_max(4096)
-            .fetch_bytes_max(8192)
-            .build()
-            .await
-            .expect("consumer");
-        consumer
-            .assign_all(StartAt::Beginning)
-            .await
-            .expect("assign");
+        let mut consumer = from_beginning(&client, "orders", |b| {
+            b.push(push).partition_bytes_max(4096).fetch_bytes_max(8192)
+        })
+        .await;
         let mut got: BTreeMap<u32, Vec<ConsumerRecord>> = BTreeMap::new();
         within("reading every record", async {
             let mut count = 0;
@@ -251,18 +243,10 @@ async fn a_batch_larger_than_the_fetch_limit_still_arrives_whole() {
     )
     .await;
     for push in [false, true] {
-        let mut consumer = client
-            .consumer("large")
-            .push(push)
-            .partition_bytes_max(1024)
-            .fetch_bytes_max(1024)
-            .build()
-            .await
-            .expect("consumer");
-        consumer
-            .assign_all(StartAt::Beginning)
-            .await
-            .expect("assign");
+        let mut consumer = from_beginning(&client, "large", |b| {
+            b.push(push).partition_bytes_max(1024).fetch_bytes_max(1024)
+        })
+        .await;
         let first = within("the large record", consumer.next())
             .await
             .expect("next");

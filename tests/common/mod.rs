@@ -16,7 +16,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use octolog_broker::{Broker, BrokerConfig};
-use octolog_client::{Client, ConsumerRecord, Offset, StartAt};
+use octolog_client::{Client, Consumer, ConsumerBuilder, ConsumerRecord, Offset, StartAt};
 use octolog_proto::v1::octolog_client::OctologClient;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -154,16 +154,8 @@ pub async fn consume_all(client: &Client, topic: &str) -> BTreeMap<u32, Vec<Cons
         .iter()
         .map(|p| (p.partition(), p.high_watermark()))
         .collect();
-    let mut consumer = client
-        .consumer(topic)
-        .max_wait(Duration::from_millis(100))
-        .build()
-        .await
-        .expect("consumer");
-    consumer
-        .assign_all(StartAt::Beginning)
-        .await
-        .expect("assign");
+    let mut consumer =
+        from_beginning(client, topic, |b| b.max_wait(Duration::from_millis(100))).await;
     let mut out: BTreeMap<u32, Vec<ConsumerRecord>> = ends.keys().map(|&p| (p, vec![])).collect();
     let done = |consumer: &octolog_client::Consumer| {
         ends.iter()
@@ -487,4 +479,22 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .build()
         .expect("runtime")
         .block_on(future)
+}
+
+/// A consumer of every partition of `topic` from the beginning, with the settings `configure`
+/// makes on the builder.
+pub async fn from_beginning(
+    client: &Client,
+    topic: &str,
+    configure: impl FnOnce(ConsumerBuilder) -> ConsumerBuilder,
+) -> Consumer {
+    let mut consumer = configure(client.consumer(topic))
+        .build()
+        .await
+        .expect("consumer");
+    consumer
+        .assign_all(StartAt::Beginning)
+        .await
+        .expect("assign");
+    consumer
 }
