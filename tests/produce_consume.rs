@@ -638,3 +638,48 @@ async fn seek_on_one_partition_keeps_the_others_records() {
     assert_eq!(seen[0], (0..10).collect::<Vec<_>>());
     assert_eq!(seen[1], (0..10).collect::<Vec<_>>());
 }
+
+/// Guards that a push subscription in the decoded-records format moves on after every message:
+/// each record arrives once, in order, across several pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_records_format_subscription_delivers_each_record_once() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    create(&client, "pushed-records", 1).await;
+    let producer = client.producer().build().await.unwrap();
+    for i in 0..5 {
+        // One batch per record: flush after each send.
+        let delivery = producer
+            .send(ProducerRecord::new("pushed-records", format!("r{i}")))
+            .await
+            .unwrap();
+        producer.flush().await;
+        delivery.await.unwrap();
+    }
+    let mut rpc = broker.rpc().await;
+    let mut stream = rpc
+        .subscribe(pb::SubscribeRequest {
+            topic: "pushed-records".into(),
+            partitions: vec![pb::PartitionStart {
+                partition: 0,
+                offset: 1,
+            }],
+            format: pb::RecordFormat::Records as i32,
+            // One batch per push.
+            max_bytes: 1,
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut offsets = Vec::new();
+    within("four pushed records", async {
+        while offsets.len() < 4 {
+            let message = stream.message().await.expect("stream").expect("open");
+            let data = message.data.expect("data");
+            assert_eq!(data.error_code, 0, "{}", data.error_message);
+            offsets.extend(data.records.iter().map(|r| r.offset));
+        }
+    })
+    .await;
+    assert_eq!(offsets, [1, 2, 3, 4]);
+}

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use octolog_batch::Offset;
 use octolog_proto::v1 as pb;
 use octolog_proto::v1::octolog_server::Octolog;
@@ -148,16 +148,6 @@ fn partition_data(
         },
     }
     data
-}
-
-/// Where the next read of a partition starts after these batches.
-fn next_offset(batches: &Bytes, current: Offset) -> Offset {
-    octolog_batch::batches(batches)
-        .filter_map(|b| b.ok())
-        .last()
-        .map_or(current, |(h, _)| {
-            Offset((h.last_offset() as u64 + 1).max(current.0))
-        })
 }
 
 /// Refuses a request that names a partition more than once.
@@ -473,12 +463,11 @@ impl Octolog for OctologService {
                     if !(failed || has_data) {
                         continue;
                     }
+                    // The log says where the next read continues, whatever the format sent.
+                    let next = result.as_ref().map_or(*position, |read| read.next_offset);
                     let log = Some(partition.log());
                     let data = partition_data(partition.id(), result, *position, format, log);
-                    *position = next_offset(&data.batches, *position);
-                    if let Some(last) = data.records.last() {
-                        *position = Offset(position.0.max(last.offset + 1));
-                    }
+                    *position = next.max(*position);
                     // Wait for room in the queue (the client's pace), but not past shutdown: a
                     // client that stops reading must not hold the broker's shutdown up.
                     let permit = tokio::select! {
