@@ -680,17 +680,10 @@ impl Log {
     ///
     /// `Io` if a file cannot be deleted; the segments are already gone from the log then.
     pub fn apply_retention(&self, now_ms: i64) -> Result<RetentionOutcome> {
-        let _writer = lock(&self.writer);
-        self.check_writable()?;
-        let segments = self.segments();
-        let mut size: u64 = segments.iter().map(|s| u64::from(s.size())).sum();
-        let mut outcome = RetentionOutcome::default();
-        let high_watermark = self.high_watermark.load(Ordering::Acquire);
-        for segment in &segments[..segments.len() - 1] {
-            if segment.next_offset() > high_watermark {
-                // Not yet visible to readers (unflushed with `always`): never delete it.
-                break;
-            }
+        let mut size: Option<u64> = None;
+        self.delete_oldest_segments(|segment, segments| {
+            let size =
+                size.get_or_insert_with(|| segments.iter().map(|s| u64::from(s.size())).sum());
             let expired = self.config.retention_ms.is_some_and(|ms| {
                 let ms = i64::try_from(ms).unwrap_or(i64::MAX);
                 segment
@@ -700,11 +693,50 @@ impl Log {
             let oversized = self
                 .config
                 .retention_bytes
-                .is_some_and(|max| size - u64::from(segment.size()) >= max);
-            if !(expired || oversized) {
+                .is_some_and(|max| *size - u64::from(segment.size()) >= max);
+            if expired || oversized {
+                *size -= u64::from(segment.size());
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Deletes the oldest sealed segments whose records all lie below `offset`, advancing the
+    /// log start offset to the base offset of the first segment kept (Kafka's
+    /// `deleteOldSegments` for a new log start offset). Records at and above `offset` are
+    /// never touched, nor is the active segment; the new log start offset may stay below
+    /// `offset`, since only whole segments go.
+    ///
+    /// # Errors
+    ///
+    /// `Closed` after `close`; `Io` if a file cannot be deleted (the segments are already gone
+    /// from the log then).
+    pub fn delete_segments_before(&self, offset: Offset) -> Result<RetentionOutcome> {
+        self.delete_oldest_segments(|segment, _| segment.next_offset() <= offset.0)
+    }
+
+    /// Deletes sealed segments from the oldest on while `doomed(segment, all segments)` says
+    /// so, stopping at the first it spares, at the active segment, or at a segment not yet
+    /// below the high watermark.
+    fn delete_oldest_segments(
+        &self,
+        mut doomed: impl FnMut(&Arc<Segment>, &[Arc<Segment>]) -> bool,
+    ) -> Result<RetentionOutcome> {
+        let _writer = lock(&self.writer);
+        self.check_writable()?;
+        let segments = self.segments();
+        let mut outcome = RetentionOutcome::default();
+        let high_watermark = self.high_watermark.load(Ordering::Acquire);
+        for segment in &segments[..segments.len() - 1] {
+            if segment.next_offset() > high_watermark {
+                // Not yet visible to readers (unflushed with `always`): never delete it.
                 break;
             }
-            size -= u64::from(segment.size());
+            if !doomed(segment, &segments) {
+                break;
+            }
             outcome.segments_deleted += 1;
             outcome.bytes_deleted += u64::from(segment.size());
         }

@@ -326,6 +326,40 @@ fn retention_by_bytes_keeps_the_log_under_the_limit() {
 }
 
 #[test]
+fn delete_segments_before_removes_only_whole_segments_below_the_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    append_records(&log, 400, 200, 0);
+    assert!(log.segment_count() > 3);
+    // Nothing lies wholly below offset 0 or 1.
+    assert_eq!(
+        log.delete_segments_before(Offset(1))
+            .unwrap()
+            .segments_deleted,
+        0
+    );
+    let target = Offset(250);
+    let outcome = log.delete_segments_before(target).unwrap();
+    assert!(outcome.segments_deleted > 0);
+    let start = log.log_start_offset();
+    assert_eq!(outcome.log_start_offset, start);
+    assert!(start <= target);
+    // Every record from the new start on is still there, in order.
+    assert_eq!(read_all(&log, start.0).len() as u64, 400 - start.0);
+    // The next segment reaches past the target, or the loop would have taken it too.
+    assert!(log.delete_segments_before(target).unwrap().segments_deleted == 0);
+    // Even past the log end offset the active segment stays, and appends continue.
+    log.delete_segments_before(Offset(u64::MAX)).unwrap();
+    assert!(log.segment_count() >= 1);
+    let first = append_records(&log, 1, 200, 0)[0];
+    assert_eq!(first, 400);
+    drop(log);
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    assert_eq!(log.log_end_offset(), Offset(401));
+    assert!(log.log_start_offset() >= start);
+}
+
+#[test]
 fn truncate_to_cuts_at_a_batch_boundary_and_appends_continue() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), small_config()).unwrap();
