@@ -1,11 +1,11 @@
-//! Generates the protobuf messages and the tonic client and server from `octolog/v1/octolog.proto`
+//! Generates the protobuf messages and the tonic client and server from `octolog/v1/*.proto`
 //! with a vendored `protoc`, so that building needs nothing but the Rust toolchain.
 
 use std::error::Error;
 use std::path::PathBuf;
 
 /// The `.proto` files to compile, relative to the crate root (which is also the include path).
-const PROTOS: &[&str] = &["octolog/v1/octolog.proto"];
+const PROTOS: &[&str] = &["octolog/v1/octolog.proto", "octolog/v1/groups.proto"];
 
 fn main() -> Result<(), Box<dyn Error>> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);

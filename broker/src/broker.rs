@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::config::BrokerConfig;
 use crate::error::{BrokerError, Result};
+use crate::group::{Coordinator, MemberContext};
 use crate::topic::{validate_topic_name, Topic, TopicSpec};
 
 /// One partition of a topic, described.
@@ -85,6 +86,8 @@ pub struct FetchRequest {
     pub min_bytes: u32,
     /// Most bytes in the whole answer; 0 means `fetch_bytes_max`.
     pub max_bytes: u32,
+    /// The consumer-group member fetching, if any: only partitions it owns are served.
+    pub group: Option<MemberContext>,
 }
 
 /// The answer for one partition of a fetch.
@@ -126,9 +129,15 @@ pub struct Broker {
     shutting_down: AtomicBool,
     /// Wakes waiting fetches and subscriptions when shutdown starts.
     shutdown: watch::Sender<bool>,
+    /// Consumer groups and their committed positions.
+    groups: Coordinator,
     /// Held for the broker's life: one broker per data folder.
     _lock: fs::File,
 }
+
+/// The folder, inside the data folder, of consumer groups' committed positions. `@` cannot
+/// start a topic name, so no topic can ever collide with it.
+pub const GROUPS_DIR: &str = "@groups";
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -173,6 +182,9 @@ impl Broker {
                 continue;
             }
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name == GROUPS_DIR {
+                continue;
+            }
             if name.contains('~') {
                 tracing::info!(dir = %path.display(), "removing remains of a deleted topic");
                 fs::remove_dir_all(&path).map_err(meta)?;
@@ -186,8 +198,17 @@ impl Broker {
                 topics.insert(name, Arc::new(topic));
             }
         }
+        let groups = Coordinator::open(
+            &dir.join(GROUPS_DIR).join("offsets"),
+            config.group_config(),
+            &|topic, partition| {
+                let topic: &Arc<Topic> = topics.get(topic)?;
+                Some(topic.partition(partition).ok()?.log().high_watermark().0)
+            },
+        )?;
         tracing::info!(data_dir = %dir.display(), topics = topics.len(), "opened data folder");
         Ok(Broker {
+            groups,
             fetch_waiters: Arc::new(Semaphore::new(config.fetch_waiters_max)),
             subscriptions: Arc::new(Semaphore::new(config.subscriptions_max)),
             config,
@@ -293,6 +314,8 @@ impl Broker {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), topic);
+        self.groups
+            .reconcile_all(&|topic| self.partition_count(topic));
         Ok(description)
     }
 
@@ -316,7 +339,20 @@ impl Broker {
         topic.notify_appended();
         topic.delete_files()?;
         tracing::info!(topic = name, "deleted topic");
+        self.groups
+            .reconcile_all(&|topic| self.partition_count(topic));
+        self.groups.forget_topic(name)?;
         Ok(())
+    }
+
+    /// The consumer-group coordinator.
+    pub fn groups(&self) -> &Coordinator {
+        &self.groups
+    }
+
+    /// How many partitions `topic` has; `None` if it does not exist.
+    pub fn partition_count(&self, topic: &str) -> Option<u32> {
+        self.topic(topic).ok().map(|t| t.partition_count())
     }
 
     /// Every topic, sorted by name.
@@ -481,7 +517,68 @@ impl Broker {
     ///
     /// `UnknownTopic`, `InvalidRequest` (no partitions, or too many); per-partition errors are
     /// in the answers.
-    pub async fn fetch(&self, request: FetchRequest) -> Result<Vec<FetchedPartition>> {
+    pub async fn fetch(&self, mut request: FetchRequest) -> Result<Vec<FetchedPartition>> {
+        let Some(ctx) = request.group.take() else {
+            return self.fetch_partitions(request).await;
+        };
+        self.check_running()?;
+        self.topic(&request.topic)?;
+        // Partitions the member does not own are refused before anything is read, and then
+        // the rest is answered at once rather than making the member wait for them.
+        let asked: Vec<(u32, Option<u64>)> = request
+            .partitions
+            .iter()
+            .map(|p| (p.partition, None))
+            .collect();
+        let checks = self.groups.serve(&ctx, &request.topic, &asked);
+        let mut refused: HashMap<u32, BrokerError> = HashMap::new();
+        for (p, check) in request.partitions.iter().zip(checks) {
+            if let Err(e) = check {
+                refused.insert(p.partition, e);
+            }
+        }
+        let all = request.partitions.clone();
+        if !refused.is_empty() {
+            request
+                .partitions
+                .retain(|p| !refused.contains_key(&p.partition));
+            request.max_wait_ms = 0;
+        }
+        let mut answers = if request.partitions.is_empty() {
+            Vec::new()
+        } else {
+            self.fetch_partitions(request.clone()).await?
+        };
+        // What was read is served only if the member still owns it now; its new position is
+        // noted, so that a crash hands exactly these records over as redelivered.
+        let served: Vec<(u32, Option<u64>)> = answers
+            .iter()
+            .map(|a| (a.partition, a.result.as_ref().ok().map(|r| r.next_offset.0)))
+            .collect();
+        let checks = self.groups.serve(&ctx, &request.topic, &served);
+        for (answer, check) in answers.iter_mut().zip(checks) {
+            if let Err(e) = check {
+                answer.result = Err(e);
+            }
+        }
+        let mut by_partition: HashMap<u32, FetchedPartition> =
+            answers.into_iter().map(|a| (a.partition, a)).collect();
+        Ok(all
+            .iter()
+            .map(|p| match refused.remove(&p.partition) {
+                Some(e) => FetchedPartition {
+                    partition: p.partition,
+                    result: Err(e),
+                },
+                None => by_partition
+                    .remove(&p.partition)
+                    .expect("every partition not refused was fetched"),
+            })
+            .collect())
+    }
+
+    /// `fetch` without a group: reads and long-polls the requested partitions.
+    async fn fetch_partitions(&self, request: FetchRequest) -> Result<Vec<FetchedPartition>> {
         self.check_running()?;
         let topic = self.topic(&request.topic)?;
         if request.partitions.is_empty() {
@@ -639,7 +736,7 @@ impl Broker {
     pub fn close(&self) -> Result<()> {
         self.begin_shutdown();
         let topics = self.all_topics();
-        let mut first_error = None;
+        let mut first_error = self.groups.close().err();
         for topic in topics {
             if let Err(e) = topic.close() {
                 tracing::error!(topic = topic.name(), error = %e, "closing topic failed");

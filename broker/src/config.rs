@@ -59,6 +59,20 @@ pub struct BrokerConfig {
     /// How long shutdown waits for open requests and streams (a client that stopped reading)
     /// before dropping their connections. Default 10,000 ms.
     pub shutdown_grace_ms: u64,
+    /// Consumer groups: session timeout of a member that does not ask for one. Default 10,000 ms.
+    pub group_session_timeout_ms: u32,
+    /// Consumer groups: shortest session timeout a member may ask for. Default 100 ms.
+    pub group_session_timeout_ms_min: u32,
+    /// Consumer groups: longest session timeout (and rebalance timeout) a member may ask for.
+    /// Default 300,000 ms.
+    pub group_session_timeout_ms_max: u32,
+    /// Consumer groups: how long a member may take to release partitions it was asked to give
+    /// up, for a member that does not ask for a time. Default 30,000 ms.
+    pub group_rebalance_timeout_ms: u32,
+    /// Most members of one group. Default 1,000.
+    pub group_members_max: usize,
+    /// Most groups with members at once. Default 10,000.
+    pub groups_max: usize,
 }
 
 impl Default for BrokerConfig {
@@ -81,6 +95,12 @@ impl Default for BrokerConfig {
             subscriptions_max: 1024,
             retention_check_interval_ms: 60_000,
             shutdown_grace_ms: 10_000,
+            group_session_timeout_ms: 10_000,
+            group_session_timeout_ms_min: 100,
+            group_session_timeout_ms_max: 300_000,
+            group_rebalance_timeout_ms: 30_000,
+            group_members_max: 1000,
+            groups_max: 10_000,
         }
     }
 }
@@ -154,7 +174,31 @@ impl BrokerConfig {
         if self.retention_check_interval_ms == 0 {
             return bad("retention_check_interval_ms must be positive");
         }
+        if self.group_session_timeout_ms_min == 0
+            || self.group_session_timeout_ms_min > self.group_session_timeout_ms_max
+            || !(self.group_session_timeout_ms_min..=self.group_session_timeout_ms_max)
+                .contains(&self.group_session_timeout_ms)
+            || !(self.group_session_timeout_ms_min..=self.group_session_timeout_ms_max)
+                .contains(&self.group_rebalance_timeout_ms)
+        {
+            return bad("group session and rebalance timeouts must lie in 1..=group_session_timeout_ms_max, within group_session_timeout_ms_min..=group_session_timeout_ms_max");
+        }
+        if self.group_members_max == 0 || self.groups_max == 0 {
+            return bad("group_members_max and groups_max must be positive");
+        }
         Ok(())
+    }
+
+    /// The settings of consumer groups.
+    pub fn group_config(&self) -> crate::group::GroupConfig {
+        crate::group::GroupConfig {
+            session_timeout_ms_default: self.group_session_timeout_ms,
+            session_timeout_ms_min: self.group_session_timeout_ms_min,
+            session_timeout_ms_max: self.group_session_timeout_ms_max,
+            rebalance_timeout_ms_default: self.group_rebalance_timeout_ms,
+            members_max: self.group_members_max,
+            groups_max: self.groups_max,
+        }
     }
 }
 

@@ -77,6 +77,48 @@ pub enum BrokerError {
     /// A setting is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The group has no such member: it left or was removed (session timeout).
+    #[error("group {group:?} has no member {member:?}: it left or was removed; join again")]
+    UnknownMember {
+        /// The group.
+        group: String,
+        /// The member id given.
+        member: String,
+    },
+    /// A member asked for a partition it does not own under the epoch it gave.
+    #[error(
+        "member {member:?} of group {group:?} does not own topic {topic:?} partition {partition} \
+         under epoch {epoch} (its epoch is {current}): the partition was revoked or moved; \
+         follow the latest assignment"
+    )]
+    FencedMemberEpoch {
+        /// The group.
+        group: String,
+        /// The member.
+        member: String,
+        /// The epoch the request gave.
+        epoch: i32,
+        /// The member's current epoch.
+        current: i32,
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+    },
+    /// The group has neither members nor committed positions.
+    #[error("unknown group {group:?}")]
+    UnknownGroup {
+        /// The name asked for.
+        group: String,
+    },
+    /// The operation needs a group without members.
+    #[error("group {group:?} has {members} live member(s); stop them first")]
+    GroupNotEmpty {
+        /// The group.
+        group: String,
+        /// How many members it has.
+        members: usize,
+    },
 }
 
 /// Result alias for the broker.

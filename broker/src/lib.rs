@@ -10,6 +10,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod group;
 pub mod partition;
 pub mod server;
 pub mod service;

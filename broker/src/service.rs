@@ -34,6 +34,10 @@ pub fn status(error: BrokerError) -> Status {
         | BrokerError::UnknownPartition { .. } => Code::InvalidArgument,
         BrokerError::LimitExceeded { .. } => Code::ResourceExhausted,
         BrokerError::ShuttingDown => Code::Unavailable,
+        BrokerError::UnknownGroup { .. } => Code::NotFound,
+        BrokerError::UnknownMember { .. }
+        | BrokerError::FencedMemberEpoch { .. }
+        | BrokerError::GroupNotEmpty { .. } => Code::FailedPrecondition,
         BrokerError::Storage { source, .. } => match source {
             StorageError::OffsetOutOfRange { .. } => Code::OutOfRange,
             StorageError::InvalidBatch { .. } | StorageError::EmptyAppend => Code::InvalidArgument,
@@ -55,6 +59,8 @@ pub fn error_code(error: &BrokerError) -> pb::ErrorCode {
     match error {
         BrokerError::UnknownTopic { .. } => pb::ErrorCode::UnknownTopic,
         BrokerError::UnknownPartition { .. } => pb::ErrorCode::UnknownPartition,
+        BrokerError::UnknownMember { .. } => pb::ErrorCode::UnknownMember,
+        BrokerError::FencedMemberEpoch { .. } => pb::ErrorCode::FencedMemberEpoch,
         BrokerError::Storage { source, .. } => match source {
             StorageError::OffsetOutOfRange { .. } => pb::ErrorCode::OffsetOutOfRange,
             StorageError::InvalidBatch { .. } | StorageError::EmptyAppend => {
@@ -354,6 +360,11 @@ impl Octolog for OctologService {
                 max_wait_ms: r.max_wait_ms,
                 min_bytes: r.min_bytes,
                 max_bytes: r.max_bytes,
+                group: r.group.map(|g| crate::group::MemberContext {
+                    group: g.group,
+                    member_id: g.member_id,
+                    epoch: g.member_epoch,
+                }),
             })
             .await
             .map_err(status)?;

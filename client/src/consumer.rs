@@ -474,6 +474,7 @@ async fn fetch_loop(
             min_bytes: 1,
             max_bytes: settings.fetch_bytes_max,
             format: pb::RecordFormat::Batches as i32,
+            group: None,
         };
         let answer = match rpc.fetch(request).await {
             Ok(response) => {
