@@ -11,6 +11,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod partition;
+pub mod producer_ids;
+pub mod producer_state;
 pub mod server;
 pub mod service;
 pub mod topic;
