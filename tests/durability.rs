@@ -146,6 +146,8 @@ async fn produce_until_stopped(
         .linger(Duration::from_millis(1))
         .batch_bytes(8 << 10)
         .buffer_bytes(1 << 20)
+        // The broker stays dead: retrying its outstanding batches would only delay the test.
+        .retries_max(0)
         .build()
         .await
         .expect("producer");

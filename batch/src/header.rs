@@ -386,6 +386,25 @@ pub fn set_partition_leader_epoch(batch: &mut [u8], epoch: i32) {
         .copy_from_slice(&epoch.to_be_bytes());
 }
 
+/// Overwrites the idempotent producer's fields (`producer_id`, `producer_epoch`,
+/// `base_sequence`) and recomputes the CRC, which covers them. A producer stamps a closed batch
+/// this way when it sends it for the first time. `batch` must end where the batch ends.
+///
+/// # Panics
+///
+/// If `batch` is shorter than the 61-byte header (a caller bug).
+pub fn set_producer(batch: &mut [u8], producer_id: i64, producer_epoch: i16, base_sequence: i32) {
+    assert!(BATCH_HEADER_BYTES <= batch.len());
+    batch[PRODUCER_ID_POSITION..PRODUCER_ID_POSITION + 8]
+        .copy_from_slice(&producer_id.to_be_bytes());
+    batch[PRODUCER_EPOCH_POSITION..PRODUCER_EPOCH_POSITION + 2]
+        .copy_from_slice(&producer_epoch.to_be_bytes());
+    batch[BASE_SEQUENCE_POSITION..BASE_SEQUENCE_POSITION + 4]
+        .copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = compute_crc(batch);
+    batch[CRC_POSITION..CRC_POSITION + 4].copy_from_slice(&crc.to_be_bytes());
+}
+
 /// Iterates over a buffer of concatenated batches, yielding `Ok((header, batch_bytes))` per
 /// batch, then one `Err` at the first invalid or truncated batch, then `None`. An empty buffer
 /// yields nothing. Never allocates.
@@ -465,6 +484,29 @@ pub fn batches_verified(buf: &[u8]) -> BatchIter<'_> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Guards that restamping a batch's producer fields keeps it valid (the CRC covers them).
+    #[test]
+    fn set_producer_rewrites_fields_and_crc() {
+        let mut builder = crate::BatchBuilder::new();
+        builder.push(1, None, Some(b"a"), &[]);
+        builder.push(2, None, Some(b"b"), &[]);
+        let mut batch = builder.finish();
+        set_producer(&mut batch, 42, 3, 17);
+        let header = super::BatchHeader::parse_verified(&batch).unwrap();
+        assert_eq!(
+            (
+                header.producer_id,
+                header.producer_epoch,
+                header.base_sequence
+            ),
+            (42, 3, 17)
+        );
+        assert_eq!(header.record_count, 2);
+        batch[super::PRODUCER_ID_POSITION] ^= 1;
+        assert!(super::BatchHeader::parse_verified(&batch).is_err());
+    }
+
     use super::*;
     use crate::builder::BatchBuilder;
 

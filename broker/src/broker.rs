@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::config::BrokerConfig;
 use crate::error::{BrokerError, Result};
 use crate::group::{Coordinator, MemberContext};
+use crate::producer_ids::ProducerIds;
 use crate::topic::{validate_topic_name, Topic, TopicSpec};
 
 /// One partition of a topic, described.
@@ -131,6 +132,8 @@ pub struct Broker {
     shutdown: watch::Sender<bool>,
     /// Consumer groups and their committed positions.
     groups: Coordinator,
+    /// Hands out idempotent producers' ids, each at most once per data folder.
+    producer_ids: ProducerIds,
     /// Held for the broker's life: one broker per data folder.
     _lock: fs::File,
 }
@@ -174,6 +177,7 @@ impl Broker {
                 dir.display()
             )));
         }
+        let producer_ids = ProducerIds::open(dir)?;
         let mut topics = HashMap::new();
         for entry in fs::read_dir(dir).map_err(meta)? {
             let entry = entry.map_err(meta)?;
@@ -217,6 +221,7 @@ impl Broker {
             round_robin: AtomicU32::new(0),
             shutting_down: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
+            producer_ids,
             _lock: lock,
         })
     }
@@ -377,12 +382,26 @@ impl Broker {
         Ok(describe(&*self.topic(name)?))
     }
 
-    /// Appends ready-made v2 batches to one partition (the fast path).
+    /// A new idempotent producer's id and epoch (always 0: each producer gets a fresh id).
+    /// Blocking: now and then it reserves a block of ids on disk.
+    ///
+    /// # Errors
+    ///
+    /// `ShuttingDown`; `Metadata` if the reservation cannot be written.
+    pub fn init_producer_id(&self) -> Result<(i64, i16)> {
+        self.check_running()?;
+        Ok((self.producer_ids.next()?, 0))
+    }
+
+    /// Appends ready-made v2 batches to one partition (the fast path). Idempotent batches are
+    /// appended once: a retry of an appended entry appends nothing and gets the original
+    /// offsets back.
     ///
     /// # Errors
     ///
     /// `UnknownTopic`, `UnknownPartition`, `Storage` (invalid batch, too large, I/O),
-    /// `ShuttingDown`.
+    /// `ShuttingDown`; `OutOfOrderSequence`, `ProducerFenced`, `UnknownProducerId` for
+    /// idempotent batches that break the rules.
     pub async fn produce_batches(
         &self,
         topic: &str,
@@ -692,8 +711,9 @@ impl Broker {
         self.shutdown.subscribe()
     }
 
-    /// One maintenance round: flushes partitions whose interval is due and, when
-    /// `check_retention`, applies retention. Blocking (fsyncs, deletions); errors are logged.
+    /// One maintenance round: flushes partitions whose interval is due, snapshots producer
+    /// state where due and, when `check_retention`, applies retention. Blocking (fsyncs,
+    /// deletions); errors are logged.
     pub fn maintain(&self, check_retention: bool) {
         let topics = self.all_topics();
         let now = now_ms();
@@ -701,6 +721,9 @@ impl Broker {
             for partition in topic.partitions() {
                 if let Err(e) = partition.flush_if_due() {
                     tracing::error!(topic = topic.name(), partition = partition.id(), error = %e, "flush failed");
+                }
+                if let Err(e) = partition.snapshot_if_due() {
+                    tracing::error!(topic = topic.name(), partition = partition.id(), error = %e, "producer-state snapshot failed");
                 }
                 if check_retention {
                     match partition.apply_retention(now) {

@@ -77,6 +77,48 @@ pub enum BrokerError {
     /// A setting is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Idempotent produce: a batch's sequence is neither the next one expected nor a retry of
+    /// a recent batch (a gap or a reordering). Nothing of the entry was appended.
+    #[error("topic {topic:?} partition {partition}: producer {producer_id} sent base sequence {base_sequence}, but {reason}; records were lost or reordered before they reached the broker: start a new producer to go on")]
+    OutOfOrderSequence {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The producer.
+        producer_id: i64,
+        /// The sequence the batch starts with.
+        base_sequence: i32,
+        /// What the broker expected instead.
+        reason: String,
+    },
+    /// Idempotent produce: a newer epoch of the producer id has written to the partition.
+    #[error("topic {topic:?} partition {partition}: producer {producer_id} epoch {producer_epoch} is fenced by epoch {current_epoch}: a newer instance of this producer took over; stop this one")]
+    ProducerFenced {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The producer.
+        producer_id: i64,
+        /// The epoch the batch carries.
+        producer_epoch: i16,
+        /// The epoch the partition knows.
+        current_epoch: i16,
+    },
+    /// Idempotent produce: the partition has no state for the producer and the batch does not
+    /// start a sequence.
+    #[error("topic {topic:?} partition {partition}: no state for producer {producer_id}, and its batch starts at sequence {base_sequence} instead of 0 (the state was lost, e.g. to retention): get a new producer id with InitProducerId and resend")]
+    UnknownProducerId {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The producer.
+        producer_id: i64,
+        /// The sequence the batch starts with.
+        base_sequence: i32,
+    },
     /// The group has no such member: it left or was removed (session timeout).
     #[error("group {group:?} has no member {member:?}: it left or was removed; join again")]
     UnknownMember {

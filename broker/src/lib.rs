@@ -12,6 +12,8 @@ pub mod config;
 pub mod error;
 pub mod group;
 pub mod partition;
+pub mod producer_ids;
+pub mod producer_state;
 pub mod server;
 pub mod service;
 pub mod topic;

@@ -1,18 +1,26 @@
-//! One topic partition: a storage `Log` plus what the broker needs around it.
+//! One topic partition: a storage `Log` plus what the broker needs around it, including the
+//! idempotent producers' state (`producer_state.rs`: the rules, the snapshot, the rebuild).
 //!
 //! Thread-safety: shared as `Arc<Partition>`. Reads go straight to the log (lock-free). Appends
 //! that fsync (`FlushPolicy::Always`) run on tokio's blocking threads so that a slow disk never
-//! stalls the async workers; other appends are a copy into the page cache and run inline.
+//! stalls the async workers; other appends are a copy into the page cache and run inline. An
+//! entry with idempotent batches is checked and appended under the producer-state mutex, held
+//! across the whole append (fsync included) so check and append are one step; it runs inside the
+//! blocking closure, so a cancelled request cannot release the mutex half-way. Entries without
+//! producer ids never take that mutex. Lock order: producer state, then the log's own locks.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use octolog_batch::Offset;
+use octolog_batch::{BatchHeader, Offset, NO_PRODUCER_ID};
 use octolog_storage::{AppendInfo, FlushPolicy, Log, LogConfig, ReadBatches, RetentionOutcome};
 use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
+use crate::producer_state::{self, Plan, ProducerStates, Violation, SNAPSHOT_FILE};
+use crate::topic::write_atomically;
 
 /// A partition of a topic.
 #[derive(Debug)]
@@ -26,6 +34,11 @@ pub struct Partition {
     /// The topic's append watch, bumped after every append so waiting fetches and
     /// subscriptions wake, even when the request that appended was cancelled meanwhile.
     appended: Arc<watch::Sender<u64>>,
+    /// Idempotent producers' state; held across check and append of idempotent entries.
+    producers: Arc<Mutex<ProducerStates>>,
+    /// Bytes appended since the last producer-state snapshot: maintenance writes a new one
+    /// after about a segment's worth, which bounds the walk after an unclean shutdown.
+    bytes_since_snapshot: Arc<AtomicU64>,
 }
 
 impl Partition {
@@ -51,11 +64,27 @@ impl Partition {
                 "partition recovered with losses"
             );
         }
+        let (producers, rebuilt) =
+            producer_state::rebuild(&log).map_err(|source| BrokerError::Storage {
+                topic: topic.to_string(),
+                partition: id,
+                source,
+            })?;
+        tracing::debug!(
+            topic,
+            partition = id,
+            producers = producers.len(),
+            ?rebuilt,
+            "rebuilt producer state"
+        );
         Ok(Partition {
             topic: topic.to_string(),
             id,
             log: Arc::new(log),
             appended,
+            producers: Arc::new(Mutex::new(producers)),
+            // A long walk now is a reason to snapshot soon.
+            bytes_since_snapshot: Arc::new(AtomicU64::new(rebuilt.bytes_walked)),
         })
     }
 
@@ -77,31 +106,39 @@ impl Partition {
         &self.log
     }
 
-    /// Appends v2 batches (back to back); returns the offsets given.
+    /// Appends v2 batches (back to back); returns the offsets given. Idempotent batches are
+    /// checked first (see `producer_state.rs`): a retried entry appends nothing and returns the
+    /// original offsets.
     ///
     /// # Errors
     ///
-    /// `Storage` wrapping what the log said (invalid batch, too large, I/O).
+    /// `Storage` wrapping what the log said (invalid batch, too large, I/O);
+    /// `OutOfOrderSequence`, `ProducerFenced`, `UnknownProducerId` or `InvalidRequest` for
+    /// idempotent batches that break the rules, with nothing appended.
     pub async fn append(&self, mut batches: BytesMut) -> Result<AppendInfo> {
         let mut append = {
             let log = Arc::clone(&self.log);
             let appended = Arc::clone(&self.appended);
+            let producers = Arc::clone(&self.producers);
+            let bytes_since_snapshot = Arc::clone(&self.bytes_since_snapshot);
+            let (topic, id) = (self.topic.clone(), self.id);
             move || {
-                let result = log.append(&mut batches);
-                if result.is_ok() {
+                let size = batches.len() as u64;
+                let result = append_checked(&log, &producers, &mut batches, &topic, id);
+                if let Ok((_, true)) = result {
+                    bytes_since_snapshot.fetch_add(size, Ordering::Relaxed);
                     appended.send_modify(|n| *n = n.wrapping_add(1));
                 }
-                result
+                result.map(|(info, _)| info)
             }
         };
-        let result = if self.log.config().flush == FlushPolicy::Always {
+        if self.log.config().flush == FlushPolicy::Always {
             tokio::task::spawn_blocking(append)
                 .await
                 .map_err(|e| BrokerError::InvalidRequest(format!("append task failed: {e}")))?
         } else {
             append()
-        };
-        result.map_err(|e| self.storage_error(e))
+        }
     }
 
     /// Whole batches from the one containing `offset`, at most `bytes_max` (but at least one).
@@ -138,8 +175,348 @@ impl Partition {
             .map_err(|e| self.storage_error(e))
     }
 
-    /// Flushes and closes the log cleanly.
+    /// Writes a producer-state snapshot if about a segment's worth of bytes was appended since
+    /// the last one and everything appended is flushed (a snapshot must never cover records a
+    /// crash could take back). Blocking. Returns whether it wrote one.
+    pub(crate) fn snapshot_if_due(&self) -> Result<bool> {
+        let due = u64::from(self.log.config().segment_bytes);
+        if self.bytes_since_snapshot.load(Ordering::Relaxed) < due {
+            return Ok(false);
+        }
+        self.write_snapshot(false)
+    }
+
+    /// Writes the producer-state snapshot as of the log end offset, if every record below it is
+    /// flushed (always after `close`). Holds the state's mutex so no idempotent append slips
+    /// between the state and the offset.
+    fn write_snapshot(&self, closed: bool) -> Result<bool> {
+        let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+        let log_end_offset = self.log.log_end_offset();
+        if !closed && self.log.recovery_point() < log_end_offset {
+            return Ok(false);
+        }
+        let bytes = producers.encode(log_end_offset);
+        self.bytes_since_snapshot.store(0, Ordering::Relaxed);
+        write_atomically(self.log.dir(), SNAPSHOT_FILE, &bytes)?;
+        Ok(true)
+    }
+
+    /// Flushes and closes the log cleanly, then snapshots the producer state so the next open
+    /// walks no batch headers.
     pub(crate) fn close(&self) -> Result<()> {
-        self.log.close().map_err(|e| self.storage_error(e))
+        self.log.close().map_err(|e| self.storage_error(e))?;
+        self.write_snapshot(true).map(drop)
+    }
+
+    /// The state of the idempotent producers, for tests.
+    #[cfg(test)]
+    pub(crate) fn producer_states(&self) -> ProducerStates {
+        self.producers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Appends `batches`, checking idempotent ones against `producers` under its mutex. Returns the
+/// offsets, and whether anything was appended (false for a retried entry).
+fn append_checked(
+    log: &Log,
+    producers: &Mutex<ProducerStates>,
+    batches: &mut BytesMut,
+    topic: &str,
+    partition: u32,
+) -> Result<(AppendInfo, bool)> {
+    let storage = |source| BrokerError::Storage {
+        topic: topic.to_string(),
+        partition,
+        source,
+    };
+    // Headers only; a malformed entry goes straight to the log, which refuses it.
+    let headers: Option<Vec<BatchHeader>> = octolog_batch::batches(batches)
+        .map(|b| b.ok().map(|(header, _)| header))
+        .collect();
+    let headers = headers.unwrap_or_default();
+    if !headers.iter().any(|h| h.producer_id != NO_PRODUCER_ID) {
+        return log
+            .append(batches)
+            .map(|info| (info, true))
+            .map_err(storage);
+    }
+    let mut states = producers.lock().unwrap_or_else(|e| e.into_inner());
+    let plan = states.plan(&headers).map_err(|violation| match violation {
+        Violation::OutOfOrder {
+            producer_id,
+            base_sequence,
+            reason,
+        } => BrokerError::OutOfOrderSequence {
+            topic: topic.to_string(),
+            partition,
+            producer_id,
+            base_sequence,
+            reason,
+        },
+        Violation::Fenced {
+            producer_id,
+            epoch,
+            current_epoch,
+        } => BrokerError::ProducerFenced {
+            topic: topic.to_string(),
+            partition,
+            producer_id,
+            producer_epoch: epoch,
+            current_epoch,
+        },
+        Violation::UnknownProducer {
+            producer_id,
+            base_sequence,
+        } => BrokerError::UnknownProducerId {
+            topic: topic.to_string(),
+            partition,
+            producer_id,
+            base_sequence,
+        },
+        Violation::Invalid(reason) => BrokerError::InvalidRequest(reason),
+    })?;
+    match plan {
+        Plan::Append => {
+            let info = log.append(batches).map_err(storage)?;
+            states.record(&headers, info.first_offset);
+            Ok((info, true))
+        }
+        Plan::Duplicate {
+            first_offset,
+            last_offset,
+        } => {
+            // Nothing is written, but a retry must still be what it claims: check every CRC.
+            for batch in octolog_batch::batches_verified(batches) {
+                if let Err(source) = batch {
+                    return Err(storage(octolog_storage::StorageError::InvalidBatch {
+                        position: 0,
+                        source,
+                    }));
+                }
+            }
+            let info = AppendInfo {
+                first_offset,
+                last_offset,
+                log_end_offset: log.log_end_offset(),
+            };
+            Ok((info, false))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use octolog_batch::BatchBuilder;
+
+    fn open(dir: &Path, config: &LogConfig) -> Partition {
+        let appended = Arc::new(watch::channel(0).0);
+        Partition::open("jobs", 0, dir, config.clone(), appended).expect("partition opens")
+    }
+
+    /// A batch of `records` records; `producer_id` -1 makes it not idempotent.
+    fn batch(producer_id: i64, epoch: i16, base_sequence: i32, records: usize) -> BytesMut {
+        let mut builder = BatchBuilder::new();
+        builder.producer(producer_id, epoch, base_sequence);
+        for i in 0..records {
+            let value = format!(
+                "{producer_id}-{epoch}-{}",
+                i64::from(base_sequence) + i as i64
+            );
+            builder.push(1_000 + i as i64, None, Some(value.as_bytes()), &[]);
+        }
+        builder.finish()
+    }
+
+    /// The first and last offsets of an append, or the error's name.
+    async fn append(partition: &Partition, batches: &[BytesMut]) -> Result<(u64, u64), String> {
+        let mut entry = BytesMut::new();
+        for b in batches {
+            entry.extend_from_slice(b);
+        }
+        match partition.append(entry).await {
+            Ok(info) => Ok((info.first_offset.0, info.last_offset.0)),
+            Err(e) => Err(match e {
+                BrokerError::OutOfOrderSequence { .. } => "out of order".into(),
+                BrokerError::ProducerFenced { .. } => "fenced".into(),
+                BrokerError::UnknownProducerId { .. } => "unknown producer".into(),
+                other => format!("{other}"),
+            }),
+        }
+    }
+
+    fn config(flush: FlushPolicy) -> LogConfig {
+        LogConfig {
+            segment_bytes: 1024,
+            retention_ms: None,
+            flush,
+            ..LogConfig::default()
+        }
+    }
+
+    /// Guards the idempotence rules as the produce path applies them, for both append paths
+    /// (inline and on a blocking thread).
+    #[tokio::test]
+    async fn each_batch_is_appended_once() {
+        for flush in [FlushPolicy::Always, FlushPolicy::Never] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = open(dir.path(), &config(flush));
+            assert_eq!(append(&p, &[batch(1, 0, 0, 3)]).await, Ok((0, 2)));
+            assert_eq!(append(&p, &[batch(-1, -1, -1, 2)]).await, Ok((3, 4)));
+            assert_eq!(append(&p, &[batch(1, 0, 3, 2)]).await, Ok((5, 6)));
+            // Retries: the original offsets, nothing appended.
+            assert_eq!(append(&p, &[batch(1, 0, 3, 2)]).await, Ok((5, 6)));
+            assert_eq!(append(&p, &[batch(1, 0, 0, 3)]).await, Ok((0, 2)));
+            assert_eq!(p.log().log_end_offset(), Offset(7));
+            // A gap, a reordering, an unknown producer, a fenced epoch: refused, nothing appended.
+            assert_eq!(
+                append(&p, &[batch(1, 0, 6, 1)]).await,
+                Err("out of order".into())
+            );
+            assert_eq!(
+                append(&p, &[batch(1, 0, 4, 1)]).await,
+                Err("out of order".into())
+            );
+            assert_eq!(
+                append(&p, &[batch(2, 0, 1, 1)]).await,
+                Err("unknown producer".into())
+            );
+            assert_eq!(append(&p, &[batch(1, 1, 0, 1)]).await, Ok((7, 7)));
+            assert_eq!(append(&p, &[batch(1, 0, 5, 1)]).await, Err("fenced".into()));
+            assert_eq!(p.log().log_end_offset(), Offset(8));
+            // Several batches in one entry, then their retry.
+            let entry = [batch(1, 1, 1, 2), batch(1, 1, 3, 2)];
+            assert_eq!(append(&p, &entry).await, Ok((8, 11)));
+            assert_eq!(append(&p, &entry).await, Ok((8, 11)));
+            // A retry with a damaged CRC is refused, though nothing would be written.
+            let mut damaged = batch(1, 1, 3, 2);
+            let last = damaged.len() - 1;
+            damaged[last] ^= 0xff;
+            let refused = append(&p, &[damaged]).await.unwrap_err();
+            assert!(refused.contains("invalid batch"), "{refused}");
+            assert_eq!(p.log().log_end_offset(), Offset(12));
+        }
+    }
+
+    /// Guards that producer state survives a clean close (snapshot) and an unclean stop (walk
+    /// of the log), and that a stale or damaged snapshot is not trusted.
+    #[tokio::test]
+    async fn producer_state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(FlushPolicy::Always);
+        let p = open(dir.path(), &config);
+        for n in 0..10i32 {
+            let producer = i64::from(n % 2);
+            append(&p, &[batch(producer, 0, n / 2 * 4, 4)])
+                .await
+                .unwrap();
+        }
+        let last_batch = batch(1, 0, 20, 4);
+        assert_eq!(append(&p, &[last_batch.clone()]).await, Ok((40, 43)));
+        let before = p.producer_states();
+        assert_eq!(before.len(), 2);
+
+        // Unclean: dropped without close, no snapshot yet (not a segment's worth since).
+        drop(p);
+        assert!(!dir.path().join(SNAPSHOT_FILE).exists());
+        let p = open(dir.path(), &config);
+        assert_eq!(p.producer_states(), before);
+        assert_eq!(append(&p, &[last_batch.clone()]).await, Ok((40, 43)));
+
+        // Clean: close writes the snapshot, and the state comes back from it.
+        p.close().unwrap();
+        drop(p);
+        let snapshot = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        assert_eq!(
+            ProducerStates::decode(&snapshot),
+            Ok((before.clone(), Offset(44)))
+        );
+        let p = open(dir.path(), &config);
+        assert_eq!(p.producer_states(), before);
+        assert_eq!(append(&p, &[last_batch.clone()]).await, Ok((40, 43)));
+        assert_eq!(append(&p, &[batch(0, 0, 20, 1)]).await, Ok((44, 44)));
+        let after = p.producer_states();
+        drop(p);
+
+        // A snapshot past the log end (the log lost its tail) or damaged: the log is walked.
+        for bad in [
+            ProducerStates::default().encode(Offset(1000)),
+            snapshot[..snapshot.len() - 1].to_vec(),
+        ] {
+            std::fs::write(dir.path().join(SNAPSHOT_FILE), bad).unwrap();
+            let p = open(dir.path(), &config);
+            assert_eq!(p.producer_states(), after);
+            drop(p);
+        }
+    }
+
+    /// Guards that retention moving the log start offset does not break the rebuild: the walk
+    /// starts at the log start offset, and the snapshot keeps producers whose batches are gone.
+    #[tokio::test]
+    async fn retention_and_rebuild() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(FlushPolicy::Always);
+        config.retention_bytes = Some(2048);
+        let p = open(dir.path(), &config);
+        // Producer 5 writes early, producer 6 keeps writing long after.
+        append(&p, &[batch(5, 0, 0, 2)]).await.unwrap();
+        for seq in 0..200 {
+            append(&p, &[batch(6, 0, seq, 1)]).await.unwrap();
+        }
+        let outcome = p.apply_retention(0).unwrap();
+        assert!(outcome.segments_deleted > 0);
+        assert!(Offset(2) < p.log().log_start_offset());
+        // Still known in memory.
+        assert_eq!(append(&p, &[batch(5, 0, 2, 1)]).await.map(|_| ()), Ok(()));
+
+        // Unclean stop: the walk from the log start offset does not see producer 5's first
+        // batches but does see its last one, so it goes on; producer 6 is intact.
+        let expected = p.producer_states();
+        drop(p);
+        let p = open(dir.path(), &config);
+        for producer in [5, 6] {
+            assert_eq!(
+                p.producer_states().last_batch(producer),
+                expected.last_batch(producer)
+            );
+        }
+        assert!(p.snapshot_if_due().unwrap(), "a segment's worth was walked");
+        assert!(!p.snapshot_if_due().unwrap(), "nothing appended since");
+        drop(p);
+
+        // Retention deletes producer 5's last batch as well; the snapshot still has it.
+        let p = open(dir.path(), &config);
+        for seq in 200..300 {
+            append(&p, &[batch(6, 0, seq, 1)]).await.unwrap();
+        }
+        p.apply_retention(0).unwrap();
+        let (_, last) = p.producer_states().last_batch(5).unwrap();
+        assert!(last.last_offset < p.log().log_start_offset());
+        p.close().unwrap();
+        drop(p);
+        let p = open(dir.path(), &config);
+        assert_eq!(
+            p.producer_states()
+                .last_batch(5)
+                .map(|(_, b)| b.last_sequence),
+            Some(2)
+        );
+        drop(p);
+
+        // Without any snapshot, producer 5 is gone with its batches: it must start over.
+        std::fs::remove_file(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        let p = open(dir.path(), &config);
+        assert_eq!(p.producer_states().last_batch(5), None);
+        assert_eq!(
+            append(&p, &[batch(5, 0, 3, 1)]).await,
+            Err("unknown producer".into())
+        );
+        assert_eq!(
+            p.producer_states().last_batch(6).unwrap().1.last_sequence,
+            299
+        );
     }
 }

@@ -38,6 +38,11 @@ pub fn status(error: BrokerError) -> Status {
         BrokerError::UnknownMember { .. }
         | BrokerError::FencedMemberEpoch { .. }
         | BrokerError::GroupNotEmpty { .. } => Code::FailedPrecondition,
+        // The request is well-formed but does not fit the partition's producer state.
+        BrokerError::OutOfOrderSequence { .. } | BrokerError::UnknownProducerId { .. } => {
+            Code::FailedPrecondition
+        }
+        BrokerError::ProducerFenced { .. } => Code::PermissionDenied,
         BrokerError::Storage { source, .. } => match source {
             StorageError::OffsetOutOfRange { .. } => Code::OutOfRange,
             StorageError::InvalidBatch { .. } | StorageError::EmptyAppend => Code::InvalidArgument,
@@ -61,6 +66,9 @@ pub fn error_code(error: &BrokerError) -> pb::ErrorCode {
         BrokerError::UnknownPartition { .. } => pb::ErrorCode::UnknownPartition,
         BrokerError::UnknownMember { .. } => pb::ErrorCode::UnknownMember,
         BrokerError::FencedMemberEpoch { .. } => pb::ErrorCode::FencedMemberEpoch,
+        BrokerError::OutOfOrderSequence { .. } => pb::ErrorCode::OutOfOrderSequence,
+        BrokerError::ProducerFenced { .. } => pb::ErrorCode::ProducerFenced,
+        BrokerError::UnknownProducerId { .. } => pb::ErrorCode::UnknownProducerId,
         BrokerError::Storage { source, .. } => match source {
             StorageError::OffsetOutOfRange { .. } => pb::ErrorCode::OffsetOutOfRange,
             StorageError::InvalidBatch { .. } | StorageError::EmptyAppend => {
@@ -427,6 +435,17 @@ impl Octolog for OctologService {
             });
         }
         Ok(Response::new(pb::ListOffsetsResponse { offsets }))
+    }
+
+    async fn init_producer_id(
+        &self,
+        _request: Request<pb::InitProducerIdRequest>,
+    ) -> Result<Response<pb::InitProducerIdResponse>, Status> {
+        let (producer_id, producer_epoch) = self.blocking(|b| b.init_producer_id()).await?;
+        Ok(Response::new(pb::InitProducerIdResponse {
+            producer_id,
+            producer_epoch: i32::from(producer_epoch),
+        }))
     }
 
     type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;

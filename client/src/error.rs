@@ -59,6 +59,16 @@ pub enum ClientError {
         /// The next offset to be written.
         high_watermark: octolog_batch::Offset,
     },
+    /// The broker did not answer in time.
+    #[error(
+        "no answer to {operation} within {after:?}: the broker may be overloaded or unreachable"
+    )]
+    Timeout {
+        /// The request that went unanswered.
+        operation: &'static str,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
     /// The caller asked for something invalid.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

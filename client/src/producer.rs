@@ -7,14 +7,30 @@
 //! it. Each partition has at most one request in flight, so records of a partition are appended
 //! in the order they were sent; different partitions are sent concurrently (pipelining).
 //!
+//! Idempotence (the default; [`ProducerBuilder::idempotent`]): on start the producer asks the
+//! broker for a producer id and epoch (`InitProducerId`). When a batch is first sent it is
+//! stamped with them and with its partition's next sequence (the count of records this producer
+//! id sent to the partition before), so the broker appends it once. A request that fails in a
+//! transient way (connection lost, `UNAVAILABLE`, no answer within `request_timeout`) is sent
+//! again with the same bytes, up to `retries_max` times, `retry_backoff` apart, within
+//! `delivery_timeout`; if the broker had appended it, it answers with the original offsets. At
+//! most `IDEMPOTENT_BATCHES_PER_REQUEST_MAX` (5) batches of a partition go in one request, the
+//! number the broker remembers. When a batch fails for good, the sequence of its partition has
+//! a hole, so the producer asks for a new producer id before stamping the next batch; when the
+//! broker has lost the producer's state (`UNKNOWN_PRODUCER_ID`), the batch is stamped afresh
+//! with a new id and sent again. Without idempotence, batches carry no producer id and nothing
+//! is retried.
+//!
 //! Memory is bounded: `send` first reserves the record's size from a `buffer_bytes` budget and
 //! waits when it is spent (back-pressure); the budget comes back when the batch is acknowledged.
 //!
 //! Batch state machine, per partition:
 //! - *open*: takes records; closed when full, when it has lingered, on `flush`, or on close.
 //! - *ready*: closed, queued behind the partition's request in flight.
-//! - *in flight*: sent; on the broker's answer every record's `Delivery` resolves, and the next
-//!   ready batches of the partition go out.
+//! - *in flight*: stamped (idempotent) and sent; on the broker's answer every record's
+//!   `Delivery` resolves, and the next ready batches of the partition go out. A transient
+//!   failure sends the same bytes again (idempotent only), until `retries_max` or
+//!   `delivery_timeout`; then the deliveries fail.
 //!
 //! Thread-safety: `Producer` is `Clone + Send + Sync`; clones share the batches and the sender.
 //! Dropping the last clone lets the sender send what is pending and stop; it never blocks.
@@ -22,7 +38,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -42,6 +58,9 @@ const BUFFER_BYTES_MAX: usize = u32::MAX as usize;
 const BATCH_BYTES_LIMIT: usize = 1 << 30;
 /// Most bytes of batches one produce request carries for a partition.
 const REQUEST_BYTES_MAX: usize = 8 << 20;
+/// Most batches of a partition in one request of an idempotent producer: the broker remembers a
+/// producer's last 5 batches per partition, so a retry of up to 5 is recognised whole.
+const IDEMPOTENT_BATCHES_PER_REQUEST_MAX: usize = 5;
 
 /// A record to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +201,11 @@ pub struct ProducerBuilder {
     linger: Duration,
     batch_bytes: usize,
     buffer_bytes: usize,
+    idempotent: bool,
+    retries_max: u32,
+    retry_backoff: Duration,
+    request_timeout: Duration,
+    delivery_timeout: Duration,
 }
 
 impl ProducerBuilder {
@@ -191,7 +215,47 @@ impl ProducerBuilder {
             linger: Duration::from_millis(5),
             batch_bytes: 256 << 10,
             buffer_bytes: 64 << 20,
+            idempotent: true,
+            retries_max: 100,
+            retry_backoff: Duration::from_millis(100),
+            request_timeout: Duration::from_secs(30),
+            delivery_timeout: Duration::from_secs(120),
         }
+    }
+
+    /// Whether the broker stores each batch exactly once, even when a request is retried; see
+    /// the module documentation. Default `true`. With `false`, batches carry no producer id and
+    /// failed requests are not retried (a retry could store records twice).
+    pub fn idempotent(mut self, idempotent: bool) -> Self {
+        self.idempotent = idempotent;
+        self
+    }
+
+    /// Most times a request is sent again after a transient failure (idempotent only).
+    /// Default 100.
+    pub fn retries_max(mut self, retries_max: u32) -> Self {
+        self.retries_max = retries_max;
+        self
+    }
+
+    /// How long to wait before sending a request again. Default 100 ms.
+    pub fn retry_backoff(mut self, retry_backoff: Duration) -> Self {
+        self.retry_backoff = retry_backoff;
+        self
+    }
+
+    /// How long one attempt waits for the broker's answer before it counts as a transient
+    /// failure. Default 30 s.
+    pub fn request_timeout(mut self, request_timeout: Duration) -> Self {
+        self.request_timeout = request_timeout;
+        self
+    }
+
+    /// How long, from a batch's first attempt, it may take in all (retries included) before
+    /// its deliveries fail. Default 120 s.
+    pub fn delivery_timeout(mut self, delivery_timeout: Duration) -> Self {
+        self.delivery_timeout = delivery_timeout;
+        self
     }
 
     /// How long a batch waits for more records before it is sent. Default 5 ms.
@@ -214,12 +278,19 @@ impl ProducerBuilder {
         self
     }
 
-    /// Starts the producer's sender task on the current tokio runtime.
+    /// Starts the producer's sender task on the current tokio runtime; an idempotent producer
+    /// first gets its producer id from the broker.
     ///
     /// # Errors
     ///
-    /// [`ClientError::InvalidArgument`] for a zero or oversized setting.
+    /// [`ClientError::InvalidArgument`] for a zero or oversized setting; what the broker
+    /// answered if it gave no producer id.
     pub async fn build(self) -> Result<Producer> {
+        if self.request_timeout.is_zero() || self.delivery_timeout.is_zero() {
+            return Err(ClientError::InvalidArgument(
+                "request_timeout and delivery_timeout must be above zero".into(),
+            ));
+        }
         if self.batch_bytes == 0 || self.buffer_bytes == 0 || self.buffer_bytes > BUFFER_BYTES_MAX {
             return Err(ClientError::InvalidArgument(format!(
                 "batch_bytes and buffer_bytes must be in 1..={BUFFER_BYTES_MAX}"
@@ -241,7 +312,17 @@ impl ProducerBuilder {
             idle: Notify::new(),
             closed: AtomicBool::new(false),
             partition_counts: Mutex::new(HashMap::new()),
+            idempotent: self.idempotent,
+            retries_max: self.retries_max,
+            retry_backoff: self.retry_backoff,
+            request_timeout: self.request_timeout,
+            delivery_timeout: self.delivery_timeout,
+            identity: tokio::sync::Mutex::new(None),
+            identity_generation: AtomicU64::new(0),
         });
+        if shared.idempotent {
+            shared.identity().await?;
+        }
         tokio::spawn(sender(Arc::clone(&shared)));
         Ok(Producer {
             guard: Arc::new(Guard(Arc::clone(&shared))),
@@ -265,6 +346,9 @@ struct ReadyBatch {
     bytes: BytesMut,
     ack: Arc<BatchAck>,
     reserved_bytes: usize,
+    /// Whether the producer id, epoch and sequence are written into `bytes` (idempotent, once
+    /// first sent); a retry sends them unchanged.
+    stamped: bool,
 }
 
 #[derive(Debug, Default)]
@@ -272,6 +356,20 @@ struct PartitionQueue {
     open: Option<OpenBatch>,
     ready: VecDeque<ReadyBatch>,
     in_flight: bool,
+    /// The sequence the next batch stamped for this partition starts with, under the producer
+    /// identity of generation `sequence_generation` (a new identity starts again at 0).
+    next_sequence: i32,
+    /// Which identity `next_sequence` counts for.
+    sequence_generation: u64,
+}
+
+/// An idempotent producer's identity, as the broker gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    producer_id: i64,
+    epoch: i16,
+    /// Counts identities this producer had, so partitions notice a new one.
+    generation: u64,
 }
 
 #[derive(Debug, Default)]
@@ -306,12 +404,124 @@ struct Shared {
     closed: AtomicBool,
     /// Partition count per topic, learnt on first use.
     partition_counts: Mutex<HashMap<String, u32>>,
+    /// Whether batches are stamped and retried (see the module documentation).
+    idempotent: bool,
+    /// Most retries of one request.
+    retries_max: u32,
+    /// Pause before a retry.
+    retry_backoff: Duration,
+    /// Longest wait for one answer.
+    request_timeout: Duration,
+    /// Longest time for a batch, from its first attempt.
+    delivery_timeout: Duration,
+    /// The current identity; `None` when a new one must be asked for. An async mutex so that
+    /// one task asks the broker while the others wait for its answer.
+    identity: tokio::sync::Mutex<Option<Identity>>,
+    /// The generation of the last identity handed out.
+    identity_generation: AtomicU64,
 }
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The producer's identity, asking the broker for one if there is none.
+    async fn identity(&self) -> Result<Identity> {
+        let mut current = self.identity.lock().await;
+        if let Some(identity) = *current {
+            return Ok(identity);
+        }
+        let mut rpc = self.client.rpc();
+        let request = rpc.init_producer_id(pb::InitProducerIdRequest {});
+        let response = tokio::time::timeout(self.request_timeout, request)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                operation: "InitProducerId",
+                after: self.request_timeout,
+            })??
+            .into_inner();
+        let epoch = i16::try_from(response.producer_epoch).map_err(|_| ClientError::Broker {
+            code: tonic::Code::Internal,
+            message: format!(
+                "the broker gave producer epoch {}, outside 0..=32767",
+                response.producer_epoch
+            ),
+        })?;
+        let identity = Identity {
+            producer_id: response.producer_id,
+            epoch,
+            generation: self.identity_generation.fetch_add(1, Ordering::AcqRel) + 1,
+        };
+        *current = Some(identity);
+        Ok(identity)
+    }
+
+    /// Drops identity `generation` (if still current) so the next batch stamped gets a new one.
+    async fn forget_identity(&self, generation: u64) {
+        let mut current = self.identity.lock().await;
+        if current.is_some_and(|i| i.generation == generation) {
+            *current = None;
+        }
+    }
+
+    /// Stamps `batches` (one request's, of one partition, unstamped) with the identity and the
+    /// partition's next sequences; returns the identity's generation.
+    async fn stamp(
+        &self,
+        topic: &Arc<str>,
+        partition: u32,
+        batches: &mut [ReadyBatch],
+    ) -> Result<u64> {
+        let identity = self.identity().await?;
+        let mut state = self.lock();
+        let queue = state
+            .queues
+            .get_mut(&(Arc::clone(topic), partition))
+            .expect("a partition with a request in flight has a queue");
+        if queue.sequence_generation != identity.generation {
+            queue.sequence_generation = identity.generation;
+            queue.next_sequence = 0;
+        }
+        for batch in batches.iter_mut() {
+            assert!(!batch.stamped);
+            let records = octolog_batch::BatchHeader::parse(&batch.bytes)
+                .expect("the producer built this batch")
+                .record_count;
+            octolog_batch::set_producer(
+                &mut batch.bytes,
+                identity.producer_id,
+                identity.epoch,
+                queue.next_sequence,
+            );
+            batch.stamped = true;
+            queue.next_sequence = sequence_after(queue.next_sequence, records as u32);
+        }
+        Ok(identity.generation)
+    }
+}
+
+/// The sequence `records` after `sequence`: after `i32::MAX` comes 0, as the broker counts.
+fn sequence_after(sequence: i32, records: u32) -> i32 {
+    ((sequence as u64 + u64::from(records)) % (i32::MAX as u64 + 1)) as i32
+}
+
+/// Whether a failed attempt is worth sending again unchanged.
+fn is_transient(error: &ClientError) -> bool {
+    use tonic::Code;
+    match error {
+        ClientError::Timeout { .. } | ClientError::Connect { .. } => true,
+        ClientError::Broker { code, .. } => matches!(
+            code,
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+        ),
+        _ => false,
+    }
+}
+
+/// Whether the broker refused a batch because it has no state for the producer.
+fn is_unknown_producer(error: &ClientError) -> bool {
+    matches!(error, ClientError::Partition { code, .. } if *code == pb::ErrorCode::UnknownProducerId as i32)
 }
 
 /// Stops the sender when the last `Producer` clone is dropped.
@@ -510,6 +720,7 @@ fn close_open_batch(queue: &mut PartitionQueue) {
             bytes: open.builder.finish(),
             ack: open.ack,
             reserved_bytes: open.reserved_bytes,
+            stamped: false,
         });
     }
 }
@@ -552,6 +763,10 @@ async fn sender(shared: Arc<Shared>) {
                         if !batches.is_empty() && bytes + batch.bytes.len() > REQUEST_BYTES_MAX {
                             break;
                         }
+                        if shared.idempotent && batches.len() == IDEMPOTENT_BATCHES_PER_REQUEST_MAX
+                        {
+                            break;
+                        }
                         bytes += batch.bytes.len();
                         batches.push(queue.ready.pop_front().expect("front exists"));
                     }
@@ -585,38 +800,91 @@ async fn sender(shared: Arc<Shared>) {
     }
 }
 
-/// Sends one partition's batches and completes their deliveries.
+/// Sends one partition's batches and completes their deliveries: stamps them (idempotent) and
+/// retries transient failures with the same bytes (see the module documentation).
 async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
     let Dispatch {
         topic,
         partition,
-        batches,
+        mut batches,
     } = dispatch;
-    let mut payload = BytesMut::with_capacity(batches.iter().map(|b| b.bytes.len()).sum());
-    for batch in &batches {
-        payload.extend_from_slice(&batch.bytes);
-    }
-    let request = pb::ProduceBatchesRequest {
-        topic: topic.to_string(),
-        partitions: vec![pb::PartitionBatches {
-            partition,
-            batches: payload.freeze(),
-        }],
-    };
-    let result = shared.client.rpc().produce_batches(request).await;
-    let outcome: Result<u64> = match result {
-        Ok(response) => match response.into_inner().partitions.into_iter().next() {
-            Some(p) => {
-                crate::check_partition_error(&topic, partition, p.error_code, &p.error_message)
-                    .map(|()| p.base_offset)
+    let deadline = Instant::now() + shared.delivery_timeout;
+    let mut retries = 0u32;
+    // The identity the batches were stamped with, and the request body built from them.
+    let mut generation = None;
+    let mut payload: Option<Bytes> = None;
+    let outcome: Result<u64> = loop {
+        let attempt = async {
+            if shared.idempotent && !batches[0].stamped {
+                generation = Some(shared.stamp(&topic, partition, &mut batches).await?);
+                payload = None;
             }
-            None => Err(ClientError::Broker {
-                code: tonic::Code::Internal,
-                message: "the broker answered a produce request with no partition".into(),
-            }),
-        },
-        Err(status) => Err(status.into()),
+            let body = payload
+                .get_or_insert_with(|| {
+                    let mut body =
+                        BytesMut::with_capacity(batches.iter().map(|b| b.bytes.len()).sum());
+                    for batch in &batches {
+                        body.extend_from_slice(&batch.bytes);
+                    }
+                    body.freeze()
+                })
+                .clone();
+            let request = pb::ProduceBatchesRequest {
+                topic: topic.to_string(),
+                partitions: vec![pb::PartitionBatches {
+                    partition,
+                    batches: body,
+                }],
+            };
+            let wait = shared
+                .request_timeout
+                .min(deadline.saturating_duration_since(Instant::now()));
+            let mut rpc = shared.client.rpc();
+            let response = tokio::time::timeout(wait, rpc.produce_batches(request))
+                .await
+                .map_err(|_| ClientError::Timeout {
+                    operation: "ProduceBatches",
+                    after: wait,
+                })??;
+            match response.into_inner().partitions.into_iter().next() {
+                Some(p) => {
+                    crate::check_partition_error(&topic, partition, p.error_code, &p.error_message)
+                        .map(|()| p.base_offset)
+                }
+                None => Err(ClientError::Broker {
+                    code: tonic::Code::Internal,
+                    message: "the broker answered a produce request with no partition".into(),
+                }),
+            }
+        };
+        let error = match attempt.await {
+            Ok(base) => break Ok(base),
+            Err(error) => error,
+        };
+        let retry = shared.idempotent
+            && retries < shared.retries_max
+            && Instant::now() + shared.retry_backoff < deadline;
+        if retry && is_unknown_producer(&error) {
+            // The broker lost this producer's state: start again under a new identity.
+            if let Some(generation) = generation.take() {
+                shared.forget_identity(generation).await;
+            }
+            for batch in &mut batches {
+                batch.stamped = false;
+            }
+        } else if !(retry && is_transient(&error)) {
+            break Err(error);
+        }
+        retries += 1;
+        tokio::time::sleep(shared.retry_backoff).await;
     };
+    if outcome.is_err() {
+        // The partition's sequence now has a hole (or the batches were stored after all): the
+        // next batches go out under a new identity.
+        if let Some(generation) = generation {
+            shared.forget_identity(generation).await;
+        }
+    }
     let mut base = outcome.as_ref().map(|&b| b).unwrap_or(0);
     let mut released = 0usize;
     for batch in &batches {
