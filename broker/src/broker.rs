@@ -231,7 +231,12 @@ impl Broker {
         &self.config
     }
 
-    fn check_running(&self) -> Result<()> {
+    /// `ShuttingDown` once shutdown has started.
+    ///
+    /// # Errors
+    ///
+    /// `ShuttingDown`.
+    pub fn check_running(&self) -> Result<()> {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(BrokerError::ShuttingDown);
         }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod group;
+pub mod group_service;
 pub mod partition;
 pub mod producer_ids;
 pub mod producer_state;

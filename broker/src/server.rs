@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use octolog_proto::v1::groups_server::GroupsServer;
 use octolog_proto::v1::octolog_server::OctologServer;
+
+use crate::group_service::GroupService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -223,6 +226,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_millis(KEEPALIVE_INTERVAL_MS)))
         .http2_keepalive_timeout(Some(Duration::from_millis(KEEPALIVE_TIMEOUT_MS)))
         .add_service(OversizeIsResourceExhausted(service))
+        .add_service(GroupsServer::new(GroupService::new(Arc::clone(&broker))))
         .serve_with_incoming_shutdown(incoming(listener, connections), signal);
     // Graceful shutdown waits for open requests and streams; a client that stops reading must
     // not hold it up for ever, so after `shutdown_grace_ms` the remaining connections are dropped.
