@@ -149,6 +149,10 @@ impl Admin {
         Admin { client }
     }
 
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Creates a topic.
     ///
     /// # Errors

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use octolog_proto::v1::groups_client::GroupsClient;
 use octolog_proto::v1::octolog_client::OctologClient;
 use tonic::transport::{Channel, Endpoint};
 
@@ -22,6 +23,8 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Client {
     /// The generated gRPC client over the shared channel.
     rpc: OctologClient<Channel>,
+    /// The consumer-group service over the same channel.
+    groups: GroupsClient<Channel>,
     /// The address it was made with, for messages.
     addr: String,
 }
@@ -67,10 +70,13 @@ impl Client {
             }
             connect_error(reason)
         })?;
+        let groups = GroupsClient::new(channel.clone())
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX);
         let rpc = OctologClient::new(channel)
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX);
-        Ok(Client { rpc, addr })
+        Ok(Client { rpc, groups, addr })
     }
 
     /// The address the client connected to.
@@ -96,5 +102,10 @@ impl Client {
     /// The generated client, for this crate's modules.
     pub(crate) fn rpc(&self) -> OctologClient<Channel> {
         self.rpc.clone()
+    }
+
+    /// The generated consumer-group client, for this crate's modules.
+    pub(crate) fn groups_rpc(&self) -> GroupsClient<Channel> {
+        self.groups.clone()
     }
 }

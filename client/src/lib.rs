@@ -34,6 +34,7 @@ mod admin;
 mod client;
 mod consumer;
 mod error;
+mod group_admin;
 mod partitioner;
 mod producer;
 
@@ -41,6 +42,9 @@ pub use crate::admin::{Admin, OffsetSpec, PartitionInfo, TopicInfo, TopicOptions
 pub use crate::client::Client;
 pub use crate::consumer::{Consumer, ConsumerBuilder, ConsumerRecord, StartAt};
 pub use crate::error::{ClientError, Result};
+pub use crate::group_admin::{
+    GroupDescription, GroupMember, GroupPartition, GroupState, GroupSummary, ResetTo,
+};
 pub use crate::partitioner::{murmur2, partition_for_key};
 pub use crate::producer::{Delivery, Producer, ProducerBuilder, ProducerRecord, RecordMetadata};
 pub use octolog_batch::Offset;
