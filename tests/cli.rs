@@ -503,7 +503,10 @@ fn failures_exit_1_with_one_error_line_and_bad_usage_exits_2() {
         (&["consume", "t", "--from", "@soon"], "@soon"),
         (&["consume", "t", "--from", "-5"], "-5"),
         (&["consume", "t", "--count", "many"], "many"),
-        (&["consume", "t", "--group", "g"], "--group"),
+        (
+            &["consume", "t", "--group", "g", "--partition", "0"],
+            "--partition",
+        ),
         (&["consume"], "TOPIC"),
         (&["produce", "t", "--header", "novalue"], "novalue"),
         (&["produce", "t", "--key-separator", ""], "--key-separator"),

@@ -463,6 +463,9 @@ struct RecordLine<'a> {
     key: serde_json::Value,
     value: serde_json::Value,
     headers: serde_json::Map<String, serde_json::Value>,
+    /// With `--group` only: whether the record may have reached the group before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redelivered: Option<bool>,
 }
 
 /// Most acknowledgements awaited at once by `produce`; beyond it, the oldest is awaited first.
@@ -581,7 +584,12 @@ fn text(bytes: Option<&Bytes>) -> serde_json::Value {
     })
 }
 
-fn print_record(out: &mut impl Write, record: &ConsumerRecord, json: bool) -> std::io::Result<()> {
+fn print_record(
+    out: &mut impl Write,
+    record: &ConsumerRecord,
+    json: bool,
+    in_group: bool,
+) -> std::io::Result<()> {
     if json {
         let headers: serde_json::Map<String, serde_json::Value> = record
             .headers()
@@ -596,6 +604,7 @@ fn print_record(out: &mut impl Write, record: &ConsumerRecord, json: bool) -> st
             key: text(record.key()),
             value: text(record.value()),
             headers,
+            redelivered: in_group.then_some(record.redelivered()),
         };
         writeln!(out, "{}", serde_json::to_string(&line)?)?;
     } else {
@@ -605,14 +614,60 @@ fn print_record(out: &mut impl Write, record: &ConsumerRecord, json: bool) -> st
     out.flush()
 }
 
-async fn consume(addr: &str, args: ConsumeArgs) -> Result<(), Failure> {
-    if args.group.is_some() {
+/// `consume --group`: joins the group, prints what it is handed, and commits only what it has
+/// printed and flushed (auto-commit inside `poll_at_most`, which runs only once the previous
+/// records are printed, and a final commit on leaving).
+async fn consume_group(addr: &str, args: ConsumeArgs, group: String) -> Result<(), Failure> {
+    if args.partition.is_some() {
         return Err(Failure {
-            message:
-                "consumer groups (--group) are not available in this version of the broker yet"
-                    .into(),
+            message: "--partition cannot be used with --group: the group assigns partitions".into(),
             status: 2,
         });
+    }
+    let start = parse_from(&args.from)?;
+    let client = connect(addr).await?;
+    let mut consumer = client
+        .consumer(args.topic.clone())
+        .group_start(start)
+        .max_wait(std::time::Duration::from_millis(200))
+        .build()
+        .await?;
+    consumer.subscribe(&group).await?;
+    // Signals only set a flag: the loop notices it within one poll (at most `max_wait`), so
+    // the consumer is never interrupted halfway through applying an assignment.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    });
+    let mut printed = 0u64;
+    let mut out = std::io::stdout().lock();
+    loop {
+        if stop.load(std::sync::atomic::Ordering::Acquire)
+            || args.count.is_some_and(|n| printed >= n)
+            || (args.exit_at_end && consumer.has_assignment() && consumer.at_end())
+        {
+            break;
+        }
+        let remaining = args.count.map_or(usize::MAX, |n| (n - printed) as usize);
+        for record in consumer.poll_at_most(remaining).await? {
+            match print_record(&mut out, &record, args.json, true) {
+                Ok(()) => printed += 1,
+                // The line was not written: leave without the final commit, so that what was
+                // handed out and not printed is delivered again.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    consumer.close().await?;
+    Ok(())
+}
+
+async fn consume(addr: &str, args: ConsumeArgs) -> Result<(), Failure> {
+    if let Some(group) = args.group.clone() {
+        return consume_group(addr, args, group).await;
     }
     let start = parse_from(&args.from)?;
     let client = connect(addr).await?;
@@ -656,7 +711,7 @@ async fn consume(addr: &str, args: ConsumeArgs) -> Result<(), Failure> {
             if args.count.is_some_and(|n| printed >= n) {
                 break;
             }
-            match print_record(&mut out, &record, args.json) {
+            match print_record(&mut out, &record, args.json, false) {
                 Ok(()) => printed += 1,
                 // The reader went away (e.g. `| head`): stop quietly.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::OffsetSpec;
 use crate::error::{ClientError, Result};
+use crate::membership;
 use crate::Client;
 
 /// Fetch answers read ahead of the caller.
@@ -49,9 +50,16 @@ pub struct ConsumerRecord {
     key: Option<Bytes>,
     value: Option<Bytes>,
     headers: Vec<(String, Option<Bytes>)>,
+    redelivered: bool,
 }
 
 impl ConsumerRecord {
+    /// Whether this record may have been handed to a member of the consumer's group before (a
+    /// member that crashed after it was served the record and before it committed past it).
+    /// Always `false` outside a group. The only way a record reaches a group twice.
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
     /// The topic.
     pub fn topic(&self) -> &str {
         &self.topic
@@ -82,6 +90,30 @@ impl ConsumerRecord {
     }
 }
 
+/// A change of a group consumer's partitions, as passed to [`ConsumerBuilder::on_rebalance`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebalance {
+    /// These partitions are now the consumer's, read from the group's committed positions.
+    Assigned(Vec<u32>),
+    /// These partitions are about to be given up: records handed out so far are committed
+    /// right after the callback returns, and no more of them will be handed out.
+    Revoked(Vec<u32>),
+    /// The session with the broker was lost (broker restart, or removal after a timeout) and
+    /// these partitions with it, without a final commit: records handed out after the last
+    /// commit will be delivered again, marked as redelivered.
+    Lost(Vec<u32>),
+}
+
+/// The rebalance callback, shared by clones of the builder.
+#[derive(Clone)]
+struct RebalanceCallback(Arc<dyn Fn(&Rebalance) + Send + Sync>);
+
+impl std::fmt::Debug for RebalanceCallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RebalanceCallback")
+    }
+}
+
 /// Settings of a [`Consumer`].
 #[derive(Debug, Clone)]
 pub struct ConsumerBuilder {
@@ -91,6 +123,12 @@ pub struct ConsumerBuilder {
     partition_bytes_max: u32,
     max_wait: Duration,
     push: bool,
+    auto_commit: Option<Duration>,
+    session_timeout: Duration,
+    rebalance_timeout: Duration,
+    group_start: StartAt,
+    client_id: String,
+    on_rebalance: Option<RebalanceCallback>,
 }
 
 impl ConsumerBuilder {
@@ -102,7 +140,56 @@ impl ConsumerBuilder {
             partition_bytes_max: 2 << 20,
             max_wait: Duration::from_millis(500),
             push: false,
+            auto_commit: Some(Duration::from_secs(1)),
+            session_timeout: Duration::from_secs(10),
+            rebalance_timeout: Duration::from_secs(30),
+            group_start: StartAt::End,
+            client_id: format!("octolog-{}", std::process::id()),
+            on_rebalance: None,
         }
+    }
+
+    /// In a group: commit the positions handed out at most this long ago, from within
+    /// [`Consumer::next`] and [`Consumer::poll`] (so a record is committed only once the caller
+    /// came back for more), or `None` to commit only by [`Consumer::commit`]. Default 1 s.
+    pub fn auto_commit(mut self, interval: Option<Duration>) -> Self {
+        self.auto_commit = interval;
+        self
+    }
+
+    /// In a group: how long the consumer may go unheard before the broker removes it (heartbeats
+    /// go out at a third of this). Default 10 s.
+    pub fn session_timeout(mut self, timeout: Duration) -> Self {
+        self.session_timeout = timeout;
+        self
+    }
+
+    /// In a group: how long the consumer may take to give up partitions it was asked to
+    /// release (the callback included). Default 30 s.
+    pub fn rebalance_timeout(mut self, timeout: Duration) -> Self {
+        self.rebalance_timeout = timeout;
+        self
+    }
+
+    /// In a group: where to start in partitions where the group has no committed position.
+    /// Default [`StartAt::End`].
+    pub fn group_start(mut self, start: StartAt) -> Self {
+        self.group_start = start;
+        self
+    }
+
+    /// In a group: the name this member shows in `octolog group describe`. Default
+    /// `octolog-<process id>`.
+    pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
+        self.client_id = client_id.into();
+        self
+    }
+
+    /// In a group: called (on the consumer's task, inside `next`/`poll`) when partitions are
+    /// assigned, revoked or lost. Default: none.
+    pub fn on_rebalance(mut self, callback: impl Fn(&Rebalance) + Send + Sync + 'static) -> Self {
+        self.on_rebalance = Some(RebalanceCallback(Arc::new(callback)));
+        self
     }
 
     /// Most bytes per fetch answer. Default 8 MiB.
@@ -147,6 +234,7 @@ impl ConsumerBuilder {
             buffered: VecDeque::new(),
             buffered_next: BTreeMap::new(),
             fetcher: None,
+            group: None,
         })
     }
 }
@@ -184,6 +272,34 @@ pub struct Consumer {
     buffered_next: BTreeMap<u32, Offset>,
     /// The read-ahead task; restarted when positions change.
     fetcher: Option<Fetcher>,
+    /// The group membership, after [`Consumer::subscribe`].
+    group: Option<Membership>,
+}
+
+/// A consumer's side of its group membership.
+#[derive(Debug)]
+struct Membership {
+    /// The group.
+    name: String,
+    /// The member id, while in a session.
+    member_id: Option<String>,
+    /// The epoch of the latest assignment.
+    epoch: i32,
+    /// Events from the membership task.
+    events: mpsc::Receiver<membership::Event>,
+    /// Commands to the membership task.
+    commands: mpsc::Sender<membership::Command>,
+    /// Per partition, records below this were possibly handed to a crashed member.
+    redelivered_until: BTreeMap<u32, Offset>,
+    /// The position last committed per partition, to skip commits that change nothing.
+    committed: BTreeMap<u32, Offset>,
+    /// When positions were last committed.
+    last_commit: tokio::time::Instant,
+    /// Set when a fetch was refused (the partitions are moving): reading waits for the next
+    /// assignment.
+    fenced: bool,
+    /// Whether an assignment has come since the session began.
+    assigned: bool,
 }
 
 impl Consumer {
@@ -204,6 +320,7 @@ impl Consumer {
     /// [`ClientError::InvalidArgument`] for a partition the topic does not have; the broker's
     /// error if a position cannot be looked up.
     pub async fn assign(&mut self, partitions: &[u32], start: StartAt) -> Result<()> {
+        self.refuse_in_group()?;
         self.positions.clear();
         for &p in partitions {
             self.seek(p, start).await?;
@@ -228,6 +345,25 @@ impl Consumer {
     /// As [`Consumer::assign`], and [`ClientError::OffsetOutOfRange`] for an offset outside
     /// `[log_start_offset, high_watermark]`.
     pub async fn seek(&mut self, partition: u32, start: StartAt) -> Result<()> {
+        self.refuse_in_group()?;
+        let offset = self.resolve(partition, start).await?;
+        self.positions.insert(partition, offset);
+        self.restart();
+        Ok(())
+    }
+
+    fn refuse_in_group(&self) -> Result<()> {
+        if let Some(group) = &self.group {
+            return Err(ClientError::InvalidArgument(format!(
+                "the partitions of a member of group {:?} are assigned by the broker",
+                group.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// The offset `start` names in `partition`.
+    async fn resolve(&self, partition: u32, start: StartAt) -> Result<Offset> {
         if partition >= self.partition_count {
             return Err(ClientError::InvalidArgument(format!(
                 "topic {:?} has partitions 0..{}, not {partition}",
@@ -270,9 +406,7 @@ impl Consumer {
                 o
             }
         };
-        self.positions.insert(partition, offset);
-        self.restart();
-        Ok(())
+        Ok(offset)
     }
 
     /// The next offset to be handed out for `partition`, if assigned.
@@ -320,10 +454,15 @@ impl Consumer {
         let (tx, rx) = mpsc::channel(FETCHES_AHEAD);
         let positions = self.positions.clone();
         let settings = self.settings.clone();
-        let task = if settings.push {
+        let group = self.group.as_ref().map(|g| pb::GroupContext {
+            group: g.name.clone(),
+            member_id: g.member_id.clone().unwrap_or_default(),
+            member_epoch: g.epoch,
+        });
+        let task = if settings.push && group.is_none() {
             tokio::spawn(push_loop(settings, positions, tx))
         } else {
-            tokio::spawn(fetch_loop(settings, positions, tx))
+            tokio::spawn(fetch_loop(settings, positions, group, tx))
         };
         self.fetcher = Some(Fetcher { answers: rx, task });
     }
@@ -331,7 +470,27 @@ impl Consumer {
     /// Waits for the next answer and decodes it; returns how many records it added. Returns 0
     /// when a fetch's `max_wait` passed without records.
     async fn fill(&mut self) -> Result<usize> {
-        if self.positions.is_empty() {
+        if let Some(group) = self.group.as_mut() {
+            // Membership first: an assignment changes what may be read.
+            match group.events.try_recv() {
+                Ok(event) => {
+                    self.handle_event(event).await?;
+                    return Ok(0);
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return Err(ClientError::Closed),
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if self.positions.is_empty() || group.fenced {
+                // Nothing to read until the broker assigns something; `max_wait` bounds the
+                // wait as it bounds a fetch, so `poll` returns now and then.
+                let wait = self.settings.max_wait;
+                let Ok(event) = tokio::time::timeout(wait, group.events.recv()).await else {
+                    return Ok(0);
+                };
+                self.handle_event(event.ok_or(ClientError::Closed)?).await?;
+                return Ok(0);
+            }
+        } else if self.positions.is_empty() {
             return Err(ClientError::InvalidArgument(
                 "no partition is assigned".into(),
             ));
@@ -340,7 +499,18 @@ impl Consumer {
             self.start_fetcher();
         }
         let fetcher = self.fetcher.as_mut().expect("just started");
-        let Some(answer) = fetcher.answers.recv().await else {
+        let answer = match self.group.as_mut() {
+            None => fetcher.answers.recv().await,
+            Some(group) => tokio::select! {
+                answer = fetcher.answers.recv() => answer,
+                event = group.events.recv() => {
+                    let event = event.ok_or(ClientError::Closed)?;
+                    self.handle_event(event).await?;
+                    return Ok(0);
+                }
+            },
+        };
+        let Some(answer) = answer else {
             self.fetcher = None;
             return Err(ClientError::Closed);
         };
@@ -348,6 +518,13 @@ impl Consumer {
             Ok(partitions) => partitions,
             Err(e) => {
                 self.fetcher = None;
+                if let Some(group) = self.group.as_mut() {
+                    if e.is_fenced() {
+                        // The partitions are moving: wait for the assignment that says where.
+                        group.fenced = true;
+                        return Ok(0);
+                    }
+                }
                 return Err(e);
             }
         };
@@ -372,6 +549,11 @@ impl Consumer {
                     return Err(error);
                 }
             };
+            let redelivered_until = self
+                .group
+                .as_ref()
+                .and_then(|g| g.redelivered_until.get(&data.partition).copied())
+                .unwrap_or(Offset(0));
             for record in records {
                 let offset = record.offset as u64;
                 if offset < position.0 {
@@ -390,6 +572,7 @@ impl Consumer {
                         .into_iter()
                         .map(|h| (h.key, h.value))
                         .collect(),
+                    redelivered: offset < redelivered_until.0,
                 });
             }
         }
@@ -402,10 +585,30 @@ impl Consumer {
     ///
     /// The broker's error (e.g. offset out of range after retention), or a corrupt batch.
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>> {
+        self.auto_commit().await?;
         if self.buffered.is_empty() {
             self.fill().await?;
         }
         let records: Vec<ConsumerRecord> = self.buffered.drain(..).collect();
+        for record in &records {
+            self.hand_out(record);
+        }
+        Ok(records)
+    }
+
+    /// Like [`Consumer::poll`], but hands out at most `records_max` records; the rest stay
+    /// buffered for the next call (and are not counted as handed out, so not committed).
+    ///
+    /// # Errors
+    ///
+    /// As [`Consumer::poll`].
+    pub async fn poll_at_most(&mut self, records_max: usize) -> Result<Vec<ConsumerRecord>> {
+        self.auto_commit().await?;
+        if self.buffered.is_empty() {
+            self.fill().await?;
+        }
+        let n = records_max.min(self.buffered.len());
+        let records: Vec<ConsumerRecord> = self.buffered.drain(..n).collect();
         for record in &records {
             self.hand_out(record);
         }
@@ -418,12 +621,280 @@ impl Consumer {
     ///
     /// As [`Consumer::poll`].
     pub async fn next(&mut self) -> Result<ConsumerRecord> {
+        self.auto_commit().await?;
         loop {
             if let Some(record) = self.buffered.pop_front() {
                 self.hand_out(&record);
                 return Ok(record);
             }
             self.fill().await?;
+        }
+    }
+
+    /// Joins consumer group `group` for this consumer's topic: from now on the broker decides
+    /// which partitions this consumer reads, sharing them with the group's other members, and
+    /// each partition starts at the group's committed position (or at
+    /// [`ConsumerBuilder::group_start`] where there is none). Returns once the broker accepted
+    /// the member; partitions arrive with the following `next`/`poll` calls.
+    ///
+    /// Delivery: every record goes to one member of the group. Positions handed out are
+    /// committed by auto-commit, by [`Consumer::commit`], when a partition is given up in a
+    /// rebalance, and by [`Consumer::close`]. A member that crashes loses what it handed out
+    /// after its last commit: those records go once more to the next owner, marked
+    /// [`ConsumerRecord::redelivered`].
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidArgument`] if already subscribed or with partitions assigned by
+    /// hand; the broker's error (unknown topic, bad group name, limits).
+    pub async fn subscribe(&mut self, group: &str) -> Result<()> {
+        if self.group.is_some() {
+            return Err(ClientError::InvalidArgument(
+                "this consumer is already in a group".into(),
+            ));
+        }
+        if !self.positions.is_empty() {
+            return Err(ClientError::InvalidArgument(
+                "a consumer with partitions assigned by hand cannot join a group".into(),
+            ));
+        }
+        let (events_tx, mut events) = mpsc::channel(membership::EVENTS_DEPTH);
+        let (commands, commands_rx) = mpsc::channel(membership::COMMANDS_DEPTH);
+        let settings = membership::Settings {
+            client: self.settings.client.clone(),
+            group: group.to_string(),
+            topic: self.topic.to_string(),
+            session_timeout: self.settings.session_timeout,
+            rebalance_timeout: self.settings.rebalance_timeout,
+            client_id: self.settings.client_id.clone(),
+        };
+        tokio::spawn(membership::run(settings, events_tx, commands_rx));
+        let member_id = match events.recv().await {
+            Some(membership::Event::Joined { member_id }) => member_id,
+            Some(membership::Event::Failed(e)) | Some(membership::Event::Lost(e)) => return Err(e),
+            Some(membership::Event::Assignment { .. }) | None => return Err(ClientError::Closed),
+        };
+        self.group = Some(Membership {
+            name: group.to_string(),
+            member_id: Some(member_id),
+            epoch: 0,
+            events,
+            commands,
+            redelivered_until: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            last_commit: tokio::time::Instant::now(),
+            fenced: false,
+            assigned: false,
+        });
+        Ok(())
+    }
+
+    /// The member id given by the broker, while in a group session.
+    pub fn member_id(&self) -> Option<&str> {
+        self.group.as_ref().and_then(|g| g.member_id.as_deref())
+    }
+
+    /// Whether the consumer is in a group and has received its first assignment of the
+    /// current session (which may be empty when the group has more members than partitions).
+    pub fn has_assignment(&self) -> bool {
+        self.group.as_ref().is_some_and(|g| g.assigned)
+    }
+
+    fn rebalanced(&self, event: Rebalance) {
+        if let Some(callback) = &self.settings.on_rebalance {
+            (callback.0)(&event);
+        }
+    }
+
+    /// Applies a membership event.
+    async fn handle_event(&mut self, event: membership::Event) -> Result<()> {
+        match event {
+            membership::Event::Joined { member_id } => {
+                let group = self.group.as_mut().expect("events come only in a group");
+                group.member_id = Some(member_id);
+                group.epoch = 0;
+            }
+            membership::Event::Assignment { epoch, partitions } => {
+                let new: BTreeMap<u32, membership::Assigned> =
+                    partitions.into_iter().map(|a| (a.partition, a)).collect();
+                let revoked: Vec<u32> = self
+                    .positions
+                    .keys()
+                    .copied()
+                    .filter(|p| !new.contains_key(p))
+                    .collect();
+                if !revoked.is_empty() {
+                    self.rebalanced(Rebalance::Revoked(revoked.clone()));
+                    let offsets: Vec<(u32, u64)> =
+                        revoked.iter().map(|p| (*p, self.positions[p].0)).collect();
+                    let group = self.group.as_mut().expect("in a group");
+                    for p in &revoked {
+                        self.positions.remove(p);
+                        group.committed.remove(p);
+                        group.redelivered_until.remove(p);
+                    }
+                    // Records handed out so far are committed as the partitions go; those
+                    // buffered but not handed out are dropped (restart below) for the next
+                    // owner to read.
+                    group
+                        .commands
+                        .send(membership::Command::Release { epoch, offsets })
+                        .await
+                        .map_err(|_| ClientError::Closed)?;
+                }
+                let mut added = Vec::new();
+                for (p, a) in &new {
+                    if self.positions.contains_key(p) {
+                        continue;
+                    }
+                    let earliest = self.resolve(*p, StartAt::Beginning).await?;
+                    let position = match a.committed {
+                        // Retention may have removed what the group had not read yet.
+                        Some(c) => Offset(c).max(earliest),
+                        None => self.resolve(*p, self.settings.group_start).await?,
+                    };
+                    self.positions.insert(*p, position);
+                    let group = self.group.as_mut().expect("in a group");
+                    if let Some(c) = a.committed {
+                        group.committed.insert(*p, Offset(c));
+                    }
+                    group
+                        .redelivered_until
+                        .insert(*p, Offset(a.redelivered_until));
+                    added.push(*p);
+                }
+                let group = self.group.as_mut().expect("in a group");
+                group.epoch = epoch;
+                group.fenced = false;
+                group.assigned = true;
+                self.restart();
+                if !added.is_empty() {
+                    self.rebalanced(Rebalance::Assigned(added));
+                }
+            }
+            membership::Event::Lost(e) => {
+                let lost: Vec<u32> = self.positions.keys().copied().collect();
+                tracing::warn!(error = %e, partitions = ?lost, "group session lost; joining again");
+                self.positions.clear();
+                let group = self.group.as_mut().expect("in a group");
+                group.member_id = None;
+                group.committed.clear();
+                group.redelivered_until.clear();
+                group.fenced = false;
+                group.assigned = false;
+                self.restart();
+                if !lost.is_empty() {
+                    self.rebalanced(Rebalance::Lost(lost));
+                }
+            }
+            membership::Event::Failed(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Positions that changed since they were last committed.
+    fn uncommitted(&self) -> Vec<(u32, u64)> {
+        let Some(group) = &self.group else {
+            return Vec::new();
+        };
+        self.positions
+            .iter()
+            .filter(|(p, pos)| group.committed.get(p) != Some(pos))
+            .map(|(p, pos)| (*p, pos.0))
+            .collect()
+    }
+
+    /// Commits the positions handed out so far (the next offset to hand out, per partition),
+    /// durably, for the group. Does nothing when nothing changed.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidArgument`] outside a group; [`ClientError::Closed`] when the
+    /// session is gone; a partition error with [`ClientError::is_fenced`] when a partition was
+    /// meanwhile moved (nothing of it is committed then).
+    pub async fn commit(&mut self) -> Result<()> {
+        let offsets = self.uncommitted();
+        let group = self.group.as_mut().ok_or_else(|| {
+            ClientError::InvalidArgument("commit needs a group: call subscribe first".into())
+        })?;
+        group.last_commit = tokio::time::Instant::now();
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        group
+            .commands
+            .send(membership::Command::Commit {
+                epoch: group.epoch,
+                offsets: offsets.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        answer.await.map_err(|_| ClientError::Closed)??;
+        let group = self.group.as_mut().expect("checked above");
+        for (p, o) in offsets {
+            // Only if the partition is still ours and unchanged meanwhile.
+            if self.positions.contains_key(&p) {
+                group.committed.insert(p, Offset(o));
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits if the auto-commit interval has passed. A commit refused because partitions are
+    /// moving is not an error: the release commits them.
+    async fn auto_commit(&mut self) -> Result<()> {
+        let due = match (&self.group, self.settings.auto_commit) {
+            (Some(group), Some(interval)) => group.last_commit.elapsed() >= interval,
+            _ => false,
+        };
+        if !due {
+            return Ok(());
+        }
+        match self.commit().await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_fenced() || matches!(e, ClientError::Closed) => {
+                tracing::debug!(error = %e, "auto-commit skipped");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Leaves the group cleanly: commits the positions handed out, gives up every partition
+    /// (which move to the other members at once, nothing redelivered), and ends the session.
+    /// Outside a group, just drops the consumer.
+    ///
+    /// # Errors
+    ///
+    /// The final commit's error; the member has left anyway.
+    pub async fn close(mut self) -> Result<()> {
+        self.fetcher = None;
+        let offsets: Vec<(u32, u64)> = self.positions.iter().map(|(p, o)| (*p, o.0)).collect();
+        let Some(group) = self.group.take() else {
+            return Ok(());
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if group
+            .commands
+            .send(membership::Command::Leave {
+                epoch: group.epoch,
+                offsets,
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return Err(ClientError::Closed);
+        }
+        match tokio::time::timeout(self.settings.session_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => Err(ClientError::Timeout {
+                operation: "leave",
+                after: self.settings.session_timeout,
+            }),
         }
     }
 
@@ -456,6 +927,7 @@ fn advance(positions: &mut BTreeMap<u32, Offset>, data: &pb::PartitionData) {
 async fn fetch_loop(
     settings: ConsumerBuilder,
     mut positions: BTreeMap<u32, Offset>,
+    group: Option<pb::GroupContext>,
     tx: mpsc::Sender<Fetched>,
 ) {
     let mut rpc = settings.client.rpc();
@@ -474,7 +946,7 @@ async fn fetch_loop(
             min_bytes: 1,
             max_bytes: settings.fetch_bytes_max,
             format: pb::RecordFormat::Batches as i32,
-            group: None,
+            group: group.clone(),
         };
         let answer = match rpc.fetch(request).await {
             Ok(response) => {

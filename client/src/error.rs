@@ -78,6 +78,20 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether a consumer-group member was refused because it does not own the partition
+    /// under its epoch (it moved), or is no longer a member.
+    pub fn is_fenced(&self) -> bool {
+        const UNKNOWN_MEMBER: i32 = octolog_proto::v1::ErrorCode::UnknownMember as i32;
+        const FENCED_MEMBER_EPOCH: i32 = octolog_proto::v1::ErrorCode::FencedMemberEpoch as i32;
+        matches!(
+            self,
+            ClientError::Partition {
+                code: UNKNOWN_MEMBER | FENCED_MEMBER_EPOCH,
+                ..
+            }
+        )
+    }
+
     /// Whether the error is an unknown topic: one that does not exist, or was deleted while a
     /// request waited on it.
     pub fn is_unknown_topic(&self) -> bool {

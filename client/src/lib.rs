@@ -35,12 +35,13 @@ mod client;
 mod consumer;
 mod error;
 mod group_admin;
+mod membership;
 mod partitioner;
 mod producer;
 
 pub use crate::admin::{Admin, OffsetSpec, PartitionInfo, TopicInfo, TopicOptions};
 pub use crate::client::Client;
-pub use crate::consumer::{Consumer, ConsumerBuilder, ConsumerRecord, StartAt};
+pub use crate::consumer::{Consumer, ConsumerBuilder, ConsumerRecord, Rebalance, StartAt};
 pub use crate::error::{ClientError, Result};
 pub use crate::group_admin::{
     GroupDescription, GroupMember, GroupPartition, GroupState, GroupSummary, ResetTo,
