@@ -368,6 +368,12 @@ impl OctologProcess {
         }
     }
 
+    /// The next line of standard output if one comes within `timeout`; `None` otherwise
+    /// (also once the process closed it).
+    pub fn try_next_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
     /// What the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr

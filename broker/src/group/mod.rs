@@ -263,6 +263,7 @@ impl Coordinator {
                 target: Default::default(),
                 assigned: Default::default(),
                 pending: true,
+                sent: Default::default(),
                 last_seen: Instant::now(),
                 release_deadline: None,
                 notify: Arc::clone(&notify),
@@ -311,6 +312,9 @@ impl Coordinator {
             return Ok(None);
         }
         m.pending = false;
+        // Accumulated: partitions sent earlier and since revoked stay known to the member
+        // until it releases them.
+        m.sent.extend(m.assigned.iter().cloned());
         let partitions = m
             .assigned
             .iter()
@@ -458,6 +462,9 @@ impl Coordinator {
             }
             if g.owners.get(tp).is_some_and(|o| o.member == ctx.member_id) {
                 g.owners.remove(tp);
+                if let Some(m) = g.members.get_mut(&ctx.member_id) {
+                    m.sent.remove(tp);
+                }
                 let committed = self.committed(&ctx.group, tp).unwrap_or(0);
                 if g.redeliver.get(tp).is_some_and(|&r| r <= committed) {
                     g.redeliver.remove(tp);

@@ -50,6 +50,11 @@ pub struct Member {
     pub assigned: BTreeSet<TopicPartition>,
     /// An assignment to send: set when `assigned` changes, taken by the member's session.
     pub pending: bool,
+    /// The partitions the member has been told it owns and has not released since. Assignments
+    /// are coalesced, so a partition granted and revoked again before the member was told is
+    /// not in it: the member cannot be reading it, and it is freed at once instead of waiting
+    /// for a release the member could never send.
+    pub sent: BTreeSet<TopicPartition>,
     /// When it was last heard from.
     pub last_seen: Instant,
     /// When it must have released what it was asked to give up, if anything.
@@ -140,12 +145,21 @@ impl Group {
         now: Instant,
     ) -> Vec<String> {
         let targets = compute_targets(&self.members, partition_count);
+        for (id, member) in self.members.iter_mut() {
+            member.target = targets.get(id).cloned().unwrap_or_default();
+        }
+        // Partitions leaving a member that was never told it had them need no release.
+        let members = &self.members;
+        self.owners.retain(|tp, owner| {
+            members
+                .get(&owner.member)
+                .is_some_and(|m| m.target.contains(tp) || m.sent.contains(tp))
+        });
         let mut changed = Vec::new();
         let ids: Vec<String> = self.members.keys().cloned().collect();
         for id in ids {
             let owned = self.owned_by(&id);
             let member = self.members.get_mut(&id).expect("listed above");
-            member.target = targets.get(&id).cloned().unwrap_or_default();
             let keep: BTreeSet<TopicPartition> = member
                 .assigned
                 .intersection(&member.target)
@@ -327,6 +341,7 @@ mod tests {
             target: BTreeSet::new(),
             assigned: BTreeSet::new(),
             pending: false,
+            sent: BTreeSet::new(),
             last_seen: Instant::now(),
             release_deadline: None,
             notify: Arc::new(Notify::new()),
@@ -341,6 +356,14 @@ mod tests {
         group.members.values().map(|m| m.assigned.len()).collect()
     }
 
+    /// Plays the sessions' side: every member is sent its assignment.
+    fn send_all(group: &mut Group) {
+        for m in group.members.values_mut() {
+            m.pending = false;
+            m.sent.extend(m.assigned.iter().cloned());
+        }
+    }
+
     /// Plays the members' side: every member releases what it was told to give up.
     fn release_all(group: &mut Group) {
         let ids: Vec<String> = group.members.keys().cloned().collect();
@@ -349,6 +372,7 @@ mod tests {
             for tp in group.owned_by(&id) {
                 if !assigned.contains(&tp) {
                     group.owners.remove(&tp);
+                    group.members.get_mut(&id).unwrap().sent.remove(&tp);
                 }
             }
         }
@@ -377,6 +401,7 @@ mod tests {
             group.members.insert(id.into(), member(id, &["jobs"]));
         }
         group.reconcile(&twelve, Instant::now());
+        send_all(&mut group);
         let before: BTreeMap<String, BTreeSet<TopicPartition>> = group
             .members
             .iter()
@@ -444,6 +469,7 @@ mod tests {
         let mut group = Group::default();
         group.members.insert("a".into(), member("a", &["jobs"]));
         group.reconcile(&twelve, Instant::now());
+        send_all(&mut group);
         let epoch = group.members["a"].epoch;
         let tp = ("jobs".to_string(), 0);
         assert_eq!(group.check_owner("a", epoch, &tp), Ok(()));
@@ -471,6 +497,39 @@ mod tests {
             group.check_owner("a", a_epoch, &moved),
             Err(Refusal::NotOwner { .. })
         ));
+    }
+
+    #[test]
+    fn partitions_granted_and_revoked_before_the_member_was_told_move_at_once() {
+        let mut group = Group::default();
+        group.members.insert("a".into(), member("a", &["jobs"]));
+        group.reconcile(&twelve, Instant::now());
+        // b joins before a's first assignment (all twelve) was sent: a is told six only, and
+        // the other six go to b without waiting for a release a could never send.
+        group.members.insert("b".into(), member("b", &["jobs"]));
+        group.reconcile(&twelve, Instant::now());
+        assert_eq!(counts(&group), vec![6, 6]);
+        assert_eq!(group.owned_by("a").len(), 6);
+        assert!(group.members["a"].release_deadline.is_none());
+        // Once a knows its partitions, taking them away again needs its release.
+        send_all(&mut group);
+        group.members.insert("c".into(), member("c", &["jobs"]));
+        group.reconcile(&twelve, Instant::now());
+        assert!(group.members["c"].assigned.is_empty());
+        assert_eq!(group.owned_by("a").len(), 6);
+        assert!(group.members["a"].release_deadline.is_some());
+        // a is sent its smaller assignment but has not released yet; another change must not
+        // take the revoked partitions away from it behind its back.
+        send_all(&mut group);
+        group.members.insert("d".into(), member("d", &["jobs"]));
+        group.reconcile(&twelve, Instant::now());
+        assert_eq!(group.owned_by("a").len(), 6);
+        assert!(group.members["d"].assigned.is_empty() || group.owners.len() == 12);
+        for (tp, owner) in &group.owners {
+            if owner.member != "a" {
+                assert!(!group.owned_by("a").contains(tp));
+            }
+        }
     }
 
     #[test]
