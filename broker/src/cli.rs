@@ -48,6 +48,9 @@ enum Command {
     Produce(ProduceArgs),
     /// Print records of a topic, following it or replaying from an offset or a time.
     Consume(ConsumeArgs),
+    /// List, describe and reset consumer groups.
+    #[command(subcommand)]
+    Group(crate::cli_group::GroupCommand),
 }
 
 #[derive(Debug, Args)]
@@ -256,6 +259,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Topic(command) => topic(&cli.broker, command).await,
         Command::Produce(args) => produce(&cli.broker, args).await,
         Command::Consume(args) => consume(&cli.broker, args).await,
+        Command::Group(command) => Ok(crate::cli_group::run(&cli.broker, command).await?),
     }
 }
 

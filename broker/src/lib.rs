@@ -8,6 +8,7 @@
 
 pub mod broker;
 pub mod cli;
+pub mod cli_group;
 pub mod config;
 pub mod error;
 pub mod group;
