@@ -944,3 +944,68 @@ async fn a_joining_member_does_not_pause_the_partitions_that_stay() {
     // hand-over (release, commit, reassign); these keep flowing with gaps far below it.
     assert!(longest < Duration::from_secs(2), "longest gap {longest:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_stops_reading_its_stream_is_removed() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    create_topic(&client, "jobs", 1).await;
+    // A small receive window, so the broker's answers back up quickly.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", broker.addr()))
+        .unwrap()
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .unwrap();
+    let mut groups = GroupsClient::new(channel);
+    let (out, out_rx) = mpsc::channel(30_000);
+    out.send(pb::MemberRequest {
+        kind: Some(pb::member_request::Kind::Join(pb::JoinGroup {
+            group: "g".into(),
+            topics: vec!["jobs".into()],
+            session_timeout_ms: 300,
+            rebalance_timeout_ms: 300,
+            client_id: "stalled".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = groups
+        .join(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let _joined = inbound.message().await.unwrap().unwrap();
+    let assignment = next_assignment(&mut inbound).await;
+    // Commits keep coming (each refused, each answered), but nothing is read any more.
+    for i in 0..20_000u64 {
+        out.send(pb::MemberRequest {
+            kind: Some(pb::member_request::Kind::Commit(pb::CommitOffsets {
+                request_id: i + 1,
+                member_epoch: assignment.member_epoch,
+                offsets: vec![pb::TopicPartitionOffset {
+                    topic: "jobs".into(),
+                    partition: 7,
+                    offset: 1,
+                }],
+            })),
+        })
+        .await
+        .unwrap();
+    }
+    // The broker gives up on it within its session timeout of not reading.
+    within("the stalled member's removal", async {
+        loop {
+            match client.admin().describe_group("g").await {
+                Ok(d) if d.members.is_empty() => return,
+                Err(_) => return, // no members and no positions: the group is gone
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    drop(inbound);
+    drop(out);
+    broker.stop().await;
+}

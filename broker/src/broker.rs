@@ -349,9 +349,11 @@ impl Broker {
         topic.notify_appended();
         topic.delete_files()?;
         tracing::info!(topic = name, "deleted topic");
+        // Forget first (positions, owners, redelivery marks), then rebalance without it.
+        let forgotten = self.groups.forget_topic(name);
         self.groups
             .reconcile_all(&|topic| self.partition_count(topic));
-        self.groups.forget_topic(name)?;
+        forgotten?;
         Ok(())
     }
 

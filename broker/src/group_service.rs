@@ -121,6 +121,12 @@ enum End {
     Status(Status),
 }
 
+fn not_reading(group: &str) -> Status {
+    Status::failed_precondition(format!(
+        "removed from group {group:?}: it did not read its stream within its session timeout"
+    ))
+}
+
 /// One member's session: see the module documentation.
 async fn session(
     broker: Arc<Broker>,
@@ -149,7 +155,9 @@ async fn session(
                 match sent.await {
                     Ok(Ok(())) => continue,
                     Ok(Err(_)) => break End::Quiet,
-                    Err(_) => continue,
+                    // Not delivered: the member does not know its partitions, so it cannot
+                    // stay. Removed as crashed below.
+                    Err(_) => break End::Status(not_reading(&group)),
                 }
             }
             Ok(None) => {}
@@ -180,11 +188,17 @@ async fn session(
                         let offsets = positions(c.offsets);
                         let b = Arc::clone(&broker);
                         let o = offsets.clone();
-                        let results = tokio::task::spawn_blocking(move || b.groups().commit(&ctx, &o))
-                            .await
-                            .unwrap_or_else(|e| Err(BrokerError::InvalidRequest(format!("commit task failed: {e}"))));
-                        if tx.send(Ok(commit_event(c.request_id, &offsets, results))).await.is_err() {
-                            break End::Quiet;
+                        let results = tokio::task::spawn_blocking(move || {
+                            b.groups().commit(&ctx, &o, &|t| b.partition_count(t))
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(BrokerError::InvalidRequest(format!("commit task failed: {e}"))));
+                        let answer = Ok(commit_event(c.request_id, &offsets, results));
+                        match tokio::time::timeout_at(deadline, tx.send(answer)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => break End::Quiet,
+                            // A member that stops reading its stream cannot hold on for ever.
+                            Err(_) => break End::Status(not_reading(&group)),
                         }
                     }
                     Some(Kind::Release(r)) => {
@@ -217,9 +231,11 @@ async fn session(
                         })
                         .await
                         .unwrap_or_else(|e| Err(BrokerError::InvalidRequest(format!("leave task failed: {e}"))));
-                        // The final commit's outcome, then the end of the stream.
-                        let _ = tx.send(Ok(commit_event(0, &offsets, results))).await;
-                        return;
+                        // The final commit's outcome, then the end of the stream. If the leave
+                        // failed, the member is still there: removed as crashed below.
+                        let answer = Ok(commit_event(0, &offsets, results));
+                        let _ = tokio::time::timeout_at(deadline, tx.send(answer)).await;
+                        break End::Quiet;
                     }
                 }
             }

@@ -227,6 +227,9 @@ impl Coordinator {
             0 => c.rebalance_timeout_ms_default,
             n => n.clamp(c.session_timeout_ms_min, c.session_timeout_ms_max),
         };
+        // Under the store's writer lock, so that a reset (checked and written under it) never
+        // falls between a join and the assignment it reads positions for.
+        let _writer = self.store.exclusive();
         let mut groups = lock(&self.groups);
         let live = groups.values().filter(|g| !g.members.is_empty()).count();
         let entry_is_live = groups.get(group).is_some_and(|g| !g.members.is_empty());
@@ -375,6 +378,7 @@ impl Coordinator {
         tracing::warn!(group, member, reason, "removing member");
         g.remove_member(member, true, &|tp| self.committed(group, tp));
         g.reconcile(partition_count, now);
+        drop_if_idle(&mut groups, group);
         Some(reason)
     }
 
@@ -389,6 +393,7 @@ impl Coordinator {
                 g.reconcile(partition_count, Instant::now());
             }
         }
+        drop_if_idle(&mut groups, group);
     }
 
     /// Commits positions of partitions the member owns under `epoch`, durably. Blocking.
@@ -402,6 +407,7 @@ impl Coordinator {
         &self,
         ctx: &MemberContext,
         offsets: &[(TopicPartition, u64)],
+        partition_count: &dyn Fn(&str) -> Option<u32>,
     ) -> Result<Vec<Result<()>>> {
         let mut results: Vec<Result<()>> = Vec::with_capacity(offsets.len());
         let written = self.store.commit_with(|| -> std::result::Result<_, ()> {
@@ -409,6 +415,16 @@ impl Coordinator {
             let g = groups.get(&ctx.group);
             let mut entries = Vec::new();
             for (tp, offset) in offsets {
+                // A deleted topic's positions are forgotten; a late commit must not bring
+                // them back for a new topic of the same name.
+                if !partition_count(&tp.0).is_some_and(|n| tp.1 < n) {
+                    results.push(Err(BrokerError::UnknownPartition {
+                        topic: tp.0.clone(),
+                        partition: tp.1,
+                        partition_count: partition_count(&tp.0).unwrap_or(0),
+                    }));
+                    continue;
+                }
                 let check = match g {
                     None => Err(Refusal::UnknownMember),
                     Some(g) => g.check_owner(&ctx.member_id, ctx.epoch, tp),
@@ -445,7 +461,7 @@ impl Coordinator {
         without_commit: &[TopicPartition],
         partition_count: &dyn Fn(&str) -> Option<u32>,
     ) -> Result<Vec<Result<()>>> {
-        let results = self.commit(ctx, offsets)?;
+        let results = self.commit(ctx, offsets, partition_count)?;
         let mut groups = lock(&self.groups);
         let g = groups
             .get_mut(&ctx.group)
@@ -456,7 +472,18 @@ impl Coordinator {
             .ok_or_else(|| unknown_member(&ctx.group, &ctx.member_id))?
             .assigned
             .clone();
-        for tp in offsets.iter().map(|(tp, _)| tp).chain(without_commit) {
+        // Only what was committed (or needs no commit, under a valid epoch) is released: a
+        // refused release moves nothing, and the member stays responsible for the partition.
+        let committed = offsets
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .map(|((tp, _), _)| tp);
+        let uncommitted: Vec<&TopicPartition> = without_commit
+            .iter()
+            .filter(|tp| g.check_owner(&ctx.member_id, ctx.epoch, tp).is_ok())
+            .collect();
+        for tp in committed.chain(uncommitted) {
             if assigned.contains(tp) {
                 continue;
             }
@@ -487,15 +514,19 @@ impl Coordinator {
         offsets: &[(TopicPartition, u64)],
         partition_count: &dyn Fn(&str) -> Option<u32>,
     ) -> Result<Vec<Result<()>>> {
-        let results = self.commit(ctx, offsets)?;
+        let results = self.commit(ctx, offsets, partition_count)?;
+        // A final position that was refused leaves its records unaccounted for: they are
+        // redelivered as after a crash.
+        let clean = results.iter().all(Result::is_ok);
         let mut groups = lock(&self.groups);
         if let Some(g) = groups.get_mut(&ctx.group) {
             if g.members.contains_key(&ctx.member_id) {
-                tracing::info!(group = %ctx.group, member = %ctx.member_id, "member left");
-                g.remove_member(&ctx.member_id, false, &|tp| self.committed(&ctx.group, tp));
+                tracing::info!(group = %ctx.group, member = %ctx.member_id, clean, "member left");
+                g.remove_member(&ctx.member_id, !clean, &|tp| self.committed(&ctx.group, tp));
                 g.reconcile(partition_count, Instant::now());
             }
         }
+        drop_if_idle(&mut groups, &ctx.group);
         Ok(results)
     }
 
@@ -659,22 +690,29 @@ impl Coordinator {
     ///
     /// `Metadata` if writing failed.
     pub fn forget_topic(&self, topic: &str) -> Result<()> {
-        let entries: Vec<(PositionKey, Option<u64>)> = self
-            .store
-            .all()
-            .into_keys()
-            .filter(|(_, t, _)| t == topic)
-            .map(|k| (k, None))
-            .collect();
-        {
+        let forgotten = self.store.commit_with(|| -> std::result::Result<_, ()> {
+            // Under the writer lock: no commit can slip in between.
             let mut groups = lock(&self.groups);
             for g in groups.values_mut() {
                 g.redeliver.retain(|(t, _), _| t != topic);
+                g.owners.retain(|(t, _), _| t != topic);
+                for m in g.members.values_mut() {
+                    m.sent.retain(|(t, _)| t != topic);
+                }
             }
-        }
-        match self.store.commit(&entries, || -> Result<()> { Ok(()) }) {
+            drop(groups);
+            Ok(self
+                .store
+                .all()
+                .into_keys()
+                .filter(|(_, t, _)| t == topic)
+                .map(|k| (k, None))
+                .collect())
+        });
+        match forgotten {
             Ok(()) => Ok(()),
-            Err(Ok(e)) | Err(Err(e)) => Err(e),
+            Err(Err(e)) => Err(e),
+            Err(Ok(())) => unreachable!("forgetting never refuses"),
         }
     }
 
@@ -685,6 +723,17 @@ impl Coordinator {
     /// `Metadata` if closing failed.
     pub fn close(&self) -> Result<()> {
         self.store.close()
+    }
+}
+
+/// Forgets a group that has neither members nor redelivery marks (its positions live on in
+/// the store), so that the map does not grow with every group name ever used.
+fn drop_if_idle(groups: &mut HashMap<String, Group>, name: &str) {
+    if groups
+        .get(name)
+        .is_some_and(|g| g.members.is_empty() && g.redeliver.is_empty())
+    {
+        groups.remove(name);
     }
 }
 
@@ -722,5 +771,143 @@ fn refused(ctx: &MemberContext, tp: &TopicPartition, refusal: Refusal) -> Broker
                 partition: tp.1,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn config() -> GroupConfig {
+        GroupConfig {
+            session_timeout_ms_default: 10_000,
+            session_timeout_ms_min: 100,
+            session_timeout_ms_max: 60_000,
+            rebalance_timeout_ms_default: 10_000,
+            members_max: 100,
+            groups_max: 1_000_000,
+        }
+    }
+
+    fn open(dir: &Path) -> Coordinator {
+        Coordinator::open(dir, config(), &|_, _| None).unwrap()
+    }
+
+    fn ctx(c: &Coordinator, group: &str, member: &str) -> MemberContext {
+        let epoch = lock(&c.groups)[group].members[member].epoch;
+        MemberContext {
+            group: group.into(),
+            member_id: member.into(),
+            epoch,
+        }
+    }
+
+    fn tp(p: u32) -> TopicPartition {
+        ("t".into(), p)
+    }
+
+    #[tokio::test]
+    async fn a_release_whose_final_commit_is_refused_moves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path());
+        let two = |t: &str| (t == "t").then_some(2u32);
+        let a = c
+            .join("g", vec!["t".into()], 0, 0, "a".into(), &two)
+            .unwrap()
+            .member_id;
+        c.take_assignment("g", &a).unwrap();
+        let a_ctx = ctx(&c, "g", &a);
+        c.commit(&a_ctx, &[(tp(0), 10), (tp(1), 10)], &two).unwrap();
+        c.join("g", vec!["t".into()], 0, 0, "b".into(), &two)
+            .unwrap();
+        c.take_assignment("g", &a).unwrap();
+        let revoked = {
+            let g = &lock(&c.groups)["g"];
+            g.owned_by(&a)
+                .difference(&g.members[&a].assigned)
+                .next()
+                .unwrap()
+                .clone()
+        };
+        let stale = MemberContext {
+            epoch: 0,
+            ..ctx(&c, "g", &a)
+        };
+        let results = c
+            .release(&stale, &[(revoked.clone(), 50)], &[], &two)
+            .unwrap();
+        assert!(results[0].is_err());
+        assert_eq!(c.committed("g", &revoked), Some(10));
+        assert_eq!(
+            lock(&c.groups)["g"].owners[&revoked].member,
+            a,
+            "still a's to release"
+        );
+        // Under its real epoch the release goes through.
+        let results = c
+            .release(&ctx(&c, "g", &a), &[(revoked.clone(), 50)], &[], &two)
+            .unwrap();
+        assert!(results[0].is_ok());
+        assert_eq!(c.committed("g", &revoked), Some(50));
+        assert_ne!(lock(&c.groups)["g"].owners[&revoked].member, a);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_topic_stays_forgotten_with_no_marks_or_late_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path());
+        let exists = Cell::new(true);
+        let count = |t: &str| (t == "t" && exists.get()).then_some(1u32);
+        let a = c
+            .join("g", vec!["t".into()], 0, 0, "a".into(), &count)
+            .unwrap()
+            .member_id;
+        c.take_assignment("g", &a).unwrap();
+        c.commit(&ctx(&c, "g", &a), &[(tp(0), 5)], &count).unwrap();
+        assert!(c.serve(&ctx(&c, "g", &a), "t", &[(0, Some(100))])[0].is_ok());
+        // Broker::delete_topic.
+        exists.set(false);
+        c.forget_topic("t").unwrap();
+        c.reconcile_all(&count);
+        assert_eq!(c.committed("g", &tp(0)), None);
+        // The member's late release cannot bring the position back.
+        let results = c
+            .release(&ctx(&c, "g", &a), &[(tp(0), 9)], &[], &count)
+            .unwrap();
+        assert!(results[0].is_err());
+        assert_eq!(c.committed("g", &tp(0)), None);
+        // Its crash leaves no mark on a new topic of that name.
+        c.remove("g", &a, &count);
+        exists.set(true);
+        let b = c
+            .join("g", vec!["t".into()], 0, 0, "b".into(), &count)
+            .unwrap()
+            .member_id;
+        let assignment = c.take_assignment("g", &b).unwrap().unwrap();
+        assert_eq!(assignment.partitions[0].committed, None);
+        assert_eq!(assignment.partitions[0].redelivered_until, 0);
+        drop(c);
+        assert_eq!(
+            open(dir.path()).store.get(&("g".into(), "t".into(), 0)),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn groups_without_members_are_dropped_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path());
+        let one = |t: &str| (t == "t").then_some(1u32);
+        for i in 0..100 {
+            let group = format!("g{i}");
+            let m = c
+                .join(&group, vec!["t".into()], 0, 0, "a".into(), &one)
+                .unwrap()
+                .member_id;
+            c.leave(&ctx(&c, &group, &m), &[], &one).unwrap();
+        }
+        assert!(c.list().is_empty());
+        assert!(lock(&c.groups).is_empty());
     }
 }

@@ -144,7 +144,7 @@ impl Group {
         partition_count: &dyn Fn(&str) -> Option<u32>,
         now: Instant,
     ) -> Vec<String> {
-        let targets = compute_targets(&self.members, partition_count);
+        let targets = compute_targets(&self.members, &self.owners, partition_count);
         for (id, member) in self.members.iter_mut() {
             member.target = targets.get(id).cloned().unwrap_or_default();
         }
@@ -165,10 +165,12 @@ impl Group {
                 .intersection(&member.target)
                 .cloned()
                 .collect();
+            // Free partitions, and ones this member still owns (revoked, not yet released, and
+            // now meant for it again: it keeps them rather than release and get them back).
             let grant: Vec<TopicPartition> = member
                 .target
                 .difference(&member.assigned)
-                .filter(|tp| !self.owners.contains_key(*tp))
+                .filter(|tp| self.owners.get(*tp).is_none_or(|o| o.member == id))
                 .cloned()
                 .collect();
             let mut next = keep;
@@ -178,18 +180,19 @@ impl Group {
                 member.assigned = next;
                 member.pending = true;
                 for tp in grant {
-                    self.owners.insert(
-                        tp,
-                        Owner {
+                    let epoch = member.epoch;
+                    self.owners
+                        .entry(tp)
+                        .and_modify(|o| o.since_epoch = epoch)
+                        .or_insert_with(|| Owner {
                             member: id.clone(),
-                            since_epoch: member.epoch,
+                            since_epoch: epoch,
                             served_until: 0,
-                        },
-                    );
+                        });
                 }
                 changed.push(id.clone());
             }
-            let releasing = owned.iter().any(|tp| !member.target.contains(tp));
+            let releasing = owned.iter().any(|tp| !member.assigned.contains(tp));
             match (releasing, member.release_deadline) {
                 (true, None) => member.release_deadline = Some(now + member.rebalance_timeout),
                 (false, Some(_)) => member.release_deadline = None,
@@ -267,6 +270,7 @@ pub enum Refusal {
 /// membership change moves as few partitions as it can.
 pub fn compute_targets(
     members: &BTreeMap<String, Member>,
+    owners: &BTreeMap<TopicPartition, Owner>,
     partition_count: &dyn Fn(&str) -> Option<u32>,
 ) -> BTreeMap<String, BTreeSet<TopicPartition>> {
     let mut topics: BTreeSet<&str> = BTreeSet::new();
@@ -285,16 +289,27 @@ pub fn compute_targets(
             .values()
             .filter(|m| m.topics.iter().any(|t| t == topic))
             .collect();
-        // Each subscriber's current target in this topic.
+        // What each subscriber holds in this topic: first the partitions it owns, then those
+        // its current target gives it that nobody else owns. Keeping these first moves least.
         let mut current: Vec<(&str, Vec<u32>)> = subscribers
             .iter()
             .map(|m| {
-                let held: Vec<u32> = m
+                let owned = owners
+                    .iter()
+                    .filter(|((t, p), o)| t == topic && *p < count && o.member == m.id)
+                    .map(|((_, p), _)| *p);
+                let targeted = m
                     .target
                     .iter()
-                    .filter(|(t, p)| t == topic && *p < count)
-                    .map(|(_, p)| *p)
-                    .collect();
+                    .filter(|tp| tp.0 == topic && tp.1 < count)
+                    .filter(|tp| owners.get(*tp).is_none_or(|o| o.member == m.id))
+                    .map(|(_, p)| *p);
+                let mut held: Vec<u32> = Vec::new();
+                for p in owned.chain(targeted) {
+                    if !held.contains(&p) {
+                        held.push(p);
+                    }
+                }
                 (m.id.as_str(), held)
             })
             .collect();
@@ -306,9 +321,12 @@ pub fn compute_targets(
         let mut taken = vec![false; n];
         let mut kept: Vec<Vec<u32>> = Vec::with_capacity(m);
         for (i, (_, held)) in current.iter().enumerate() {
-            let keep: Vec<u32> = held.iter().copied().take(quota(i)).collect();
-            for &p in &keep {
-                taken[p as usize] = true;
+            let mut keep: Vec<u32> = Vec::new();
+            for &p in held {
+                if keep.len() < quota(i) && !taken[p as usize] {
+                    taken[p as usize] = true;
+                    keep.push(p);
+                }
             }
             kept.push(keep);
         }
@@ -566,6 +584,62 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+    #[test]
+    fn a_revoked_partition_meant_for_its_owner_again_is_kept_not_stranded() {
+        let two = |t: &str| (t == "t").then_some(2u32);
+        let mut group = Group::default();
+        group.members.insert("a".into(), member("a", &["t"]));
+        group.reconcile(&two, Instant::now());
+        send_all(&mut group);
+        group.members.insert("b".into(), member("b", &["t"]));
+        group.reconcile(&two, Instant::now());
+        send_all(&mut group);
+        assert_eq!(
+            group.members["a"].assigned.len(),
+            1,
+            "a is told to give one up"
+        );
+        assert!(group.members["a"].release_deadline.is_some());
+        // b leaves before a released: a keeps both, is told so, and owes no release.
+        group.remove_member("b", false, &|_| None);
+        group.reconcile(&two, Instant::now());
+        let a = &group.members["a"];
+        assert_eq!(a.assigned.len(), 2);
+        assert_eq!(group.owned_by("a"), a.assigned);
+        assert!(a.release_deadline.is_none());
+        send_all(&mut group);
+        assert_eq!(group.state(), GroupState::Stable);
+    }
+
+    #[test]
+    fn a_newcomer_leaving_before_the_handover_moves_nothing_needlessly() {
+        let six = |t: &str| (t == "t").then_some(6u32);
+        let mut group = Group::default();
+        group.members.insert("b".into(), member("b", &["t"]));
+        group.reconcile(&six, Instant::now());
+        group.members.insert("a".into(), member("a", &["t"]));
+        group.reconcile(&six, Instant::now());
+        send_all(&mut group);
+        release_all(&mut group);
+        group.reconcile(&six, Instant::now());
+        send_all(&mut group);
+        let before: BTreeMap<TopicPartition, String> = group
+            .owners
+            .iter()
+            .map(|(tp, o)| (tp.clone(), o.member.clone()))
+            .collect();
+        group.members.insert("c".into(), member("c", &["t"]));
+        group.reconcile(&six, Instant::now());
+        send_all(&mut group);
+        group.remove_member("c", false, &|_| None);
+        group.reconcile(&six, Instant::now());
+        for (tp, owner) in &before {
+            assert!(
+                group.members[owner].target.contains(tp),
+                "{tp:?} would move from {owner} for nothing"
+            );
         }
     }
 }
