@@ -6,22 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{block_on, octolog, BrokerProcess, OctologProcess, Run};
+use common::{block_on, octolog, run, start, BrokerProcess, OctologProcess};
 use octolog_client::{partition_for_key, Client, ProducerRecord};
 use serde_json::Value;
-
-/// Runs `octolog --broker ADDR ARGS...` with `stdin`.
-fn run(broker: &BrokerProcess, args: &[&str], stdin: &str) -> Run {
-    let mut all = vec!["--broker", broker.addr()];
-    all.extend_from_slice(args);
-    octolog(&all, stdin.as_bytes())
-}
-
-fn start() -> (tempfile::TempDir, BrokerProcess) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let broker = BrokerProcess::spawn(dir.path(), &[]);
-    (dir, broker)
-}
 
 /// `object` printed compactly with exactly the keys of `order`, in that order (INTERFACE.md's);
 /// nested values print as serde_json prints them (object keys sorted).

@@ -5,22 +5,9 @@
 
 mod common;
 
-use common::{octolog, BrokerProcess, Run, WAIT};
+use common::{octolog, run, start, BrokerProcess, WAIT};
 use octolog_proto::v1 as pb;
 use serde_json::{json, Value};
-
-/// Runs `octolog --broker ADDR ARGS...` with `stdin`.
-fn run(broker: &BrokerProcess, args: &[&str], stdin: &str) -> Run {
-    let mut all = vec!["--broker", broker.addr()];
-    all.extend_from_slice(args);
-    octolog(&all, stdin.as_bytes())
-}
-
-fn start() -> (tempfile::TempDir, BrokerProcess) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let broker = BrokerProcess::spawn(dir.path(), &[]);
-    (dir, broker)
-}
 
 /// Topic `jobs` with 2 partitions: 5 records in partition 0, 2 in partition 1.
 fn jobs_topic(broker: &BrokerProcess) {

@@ -121,6 +121,22 @@ enum End {
     Status(Status),
 }
 
+/// Runs a coordinator call that writes to disk on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    broker: &Arc<Broker>,
+    what: &'static str,
+    call: impl FnOnce(&Broker) -> crate::Result<T> + Send + 'static,
+) -> crate::Result<T> {
+    let broker = Arc::clone(broker);
+    tokio::task::spawn_blocking(move || call(&broker))
+        .await
+        .unwrap_or_else(|e| {
+            Err(BrokerError::InvalidRequest(format!(
+                "{what} task failed: {e}"
+            )))
+        })
+}
+
 fn not_reading(group: &str) -> Status {
     Status::failed_precondition(format!(
         "removed from group {group:?}: it did not read its stream within its session timeout"
@@ -186,13 +202,11 @@ async fn session(
                     Some(Kind::Commit(c)) => {
                         let ctx = MemberContext { epoch: c.member_epoch, ..ctx };
                         let offsets = positions(c.offsets);
-                        let b = Arc::clone(&broker);
                         let o = offsets.clone();
-                        let results = tokio::task::spawn_blocking(move || {
+                        let results = blocking(&broker, "commit", move |b| {
                             b.groups().commit(&ctx, &o, &|t| b.partition_count(t))
                         })
-                        .await
-                        .unwrap_or_else(|e| Err(BrokerError::InvalidRequest(format!("commit task failed: {e}"))));
+                        .await;
                         let answer = Ok(commit_event(c.request_id, &offsets, results));
                         match tokio::time::timeout_at(deadline, tx.send(answer)).await {
                             Ok(Ok(())) => {}
@@ -206,12 +220,10 @@ async fn session(
                         let offsets = positions(r.offsets);
                         let without: Vec<TopicPartition> =
                             r.partitions.into_iter().map(|p| (p.topic, p.partition)).collect();
-                        let b = Arc::clone(&broker);
-                        let released = tokio::task::spawn_blocking(move || {
+                        let released = blocking(&broker, "release", move |b| {
                             b.groups().release(&ctx, &offsets, &without, &|t| b.partition_count(t))
                         })
-                        .await
-                        .unwrap_or_else(|e| Err(BrokerError::InvalidRequest(format!("release task failed: {e}"))));
+                        .await;
                         match released {
                             Ok(results) => {
                                 for e in results.into_iter().filter_map(Result::err) {
@@ -224,13 +236,11 @@ async fn session(
                     Some(Kind::Leave(l)) => {
                         let ctx = MemberContext { epoch: l.member_epoch, ..ctx };
                         let offsets = positions(l.offsets);
-                        let b = Arc::clone(&broker);
                         let o = offsets.clone();
-                        let results = tokio::task::spawn_blocking(move || {
+                        let results = blocking(&broker, "leave", move |b| {
                             b.groups().leave(&ctx, &o, &|t| b.partition_count(t))
                         })
-                        .await
-                        .unwrap_or_else(|e| Err(BrokerError::InvalidRequest(format!("leave task failed: {e}"))));
+                        .await;
                         // The final commit's outcome, then the end of the stream. If the leave
                         // failed, the member is still there: removed as crashed below.
                         let answer = Ok(commit_event(0, &offsets, results));

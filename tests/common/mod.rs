@@ -477,6 +477,20 @@ impl BrokerProcess {
     }
 }
 
+/// Runs `octolog --broker ADDR ARGS...` against `broker` with `stdin`.
+pub fn run(broker: &BrokerProcess, args: &[&str], stdin: &str) -> Run {
+    let mut all = vec!["--broker", broker.addr()];
+    all.extend_from_slice(args);
+    octolog(&all, stdin.as_bytes())
+}
+
+/// A broker process on a fresh temp dir (kept alive by the returned `TempDir`).
+pub fn start() -> (TempDir, BrokerProcess) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = BrokerProcess::spawn(dir.path(), &[]);
+    (dir, broker)
+}
+
 /// Runs `future` to completion on a fresh current-thread runtime (for synchronous tests that
 /// also need the client crate).
 pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
