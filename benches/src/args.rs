@@ -4,7 +4,7 @@
 //! `KiB`, `MiB`, `GiB` are powers of 2. Rates are in MB/s, where 1 MB = 10^6 bytes.
 
 use clap::Parser;
-use octolog_broker::BrokerConfig;
+use octolog_broker::{BrokerConfig, BrokerError};
 
 /// Bytes at the start of every record's value that the tool uses itself: the send time (u64
 /// nanoseconds since the Unix epoch, little-endian) and the record's index in its producer's
@@ -31,9 +31,14 @@ pub struct Args {
     /// Concurrent producers; they share `--total-bytes`.
     #[arg(long, default_value_t = 1)]
     pub producers: usize,
-    /// Concurrent consumers; each reads a share of the partitions.
+    /// Concurrent consumers; each reads a fixed share of the partitions, or with --group the
+    /// share the group gives it.
     #[arg(long, default_value_t = 1)]
     pub consumers: usize,
+    /// Consumers join consumer group NAME on the bench topic (the broker shares the partitions
+    /// among them, and they commit what they read) instead of each being assigned a fixed share.
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
     /// Partitions of the fresh topic.
     #[arg(long, default_value_t = 8)]
     pub partitions: u32,
@@ -76,6 +81,8 @@ pub struct Plan {
     pub producers: usize,
     /// Number of consumer tasks.
     pub consumers: usize,
+    /// Consumer group the consumers join; `None` assigns each a fixed share of the partitions.
+    pub group: Option<String>,
     /// Partitions of the topic.
     pub partitions: u32,
     /// Bytes of each record's value.
@@ -147,6 +154,16 @@ impl Args {
         if self.producers == 0 || self.producers > TASKS_MAX {
             return Err(format!("--producers must be in 1..={TASKS_MAX}"));
         }
+        if let Some(group) = &self.group {
+            // Checked here rather than by the broker so that a bad name is a usage error.
+            octolog_broker::group::validate_group_name(group).map_err(|e| match e {
+                BrokerError::InvalidRequest(message) => format!("--group: {message}"),
+                other => format!("--group: {other}"),
+            })?;
+            if self.consumers == 0 {
+                return Err("--group needs at least one consumer (--consumers 1 or more)".into());
+            }
+        }
         if self.consumers == 0 || self.consumers > TASKS_MAX {
             return Err(format!("--consumers must be in 1..={TASKS_MAX}"));
         }
@@ -212,6 +229,7 @@ impl Args {
             fsync,
             producers: self.producers,
             consumers: self.consumers,
+            group: self.group.clone(),
             partitions: self.partitions,
             message_bytes: self.message_bytes as usize,
             batch_bytes: batch_bytes as usize,
@@ -273,6 +291,7 @@ mod tests {
         assert_eq!(p.warmup_records_per_producer, p.records / 10);
         assert!(p.topic.starts_with("bench-"));
         assert_eq!(p.rate_bytes_per_s, None);
+        assert_eq!(p.group, None);
     }
 
     #[test]
@@ -307,6 +326,10 @@ mod tests {
             &["--total-bytes", "100", "--message-bytes", "1024"],
             &["--warmup-bytes", "2GiB"],
             &["--unknown"],
+            &["--group", ""],
+            &["--group", "no spaces"],
+            &["--group", "g", "--consumers", "0"],
+            &["--group", "g", "--consumers", "9", "--partitions", "8"],
         ];
         for args in bad {
             assert!(plan(args).is_err(), "{args:?} was accepted");
@@ -314,6 +337,22 @@ mod tests {
         assert_eq!(
             plan(&["--rate", "50"]).unwrap().rate_bytes_per_s,
             Some(50e6)
+        );
+        assert_eq!(
+            plan(&["--group", "bench", "--consumers", "2"])
+                .unwrap()
+                .group,
+            Some("bench".to_string())
+        );
+        let message = plan(&["--group", "g", "--consumers", "0"]).unwrap_err();
+        assert!(
+            message.contains("--group needs at least one consumer"),
+            "{message}"
+        );
+        let message = plan(&["--group", ""]).unwrap_err();
+        assert!(
+            message.starts_with("--group: invalid group name"),
+            "{message}"
         );
     }
 }

@@ -47,6 +47,16 @@ pub enum BenchError {
         /// Records expected.
         records: u64,
     },
+    /// The consumers stopped with records of the run never received.
+    #[error("{missing} of {records} records were never received ({duplicates} received twice)")]
+    Missing {
+        /// Records sent and not received.
+        missing: u64,
+        /// Records sent.
+        records: u64,
+        /// Records received more than once, which do not make up for missing ones.
+        duplicates: u64,
+    },
     /// A task of the tool died (a bug).
     #[error("a benchmark task failed: {0}")]
     Task(String),

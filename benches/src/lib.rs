@@ -3,10 +3,12 @@
 //!
 //! The binary's logic lives here so it can be tested: [`args`] turns flags into a checked
 //! [`args::Plan`], [`run::run`] carries it out against an in-process or remote broker and returns
-//! a [`run::Report`].
+//! a [`run::Report`];
+//! [`received::Received`] tells which records arrived, once or more.
 
 pub mod args;
 pub mod error;
+pub mod received;
 pub mod run;
 
 pub use crate::error::BenchError;

@@ -7,6 +7,13 @@
 //! record reached it, so latency covers batching (linger), the produce request, the append, the
 //! fetch and decoding. Producers and consumers run in this process, so they share one clock.
 //!
+//! Consumers either each read a fixed share of the partitions (`assign`), or with `--group` join
+//! one consumer group and let the broker share the partitions among them, committing what they
+//! read (auto-commit, and on every rebalance and `close`). Either way the consumers together
+//! must receive every record: arrivals are tracked by partition and offset (`Received`), so a
+//! record received twice counts once, and is reported as a duplicate; the run fails if any
+//! record is missing at the end.
+//!
 //! Throughput counts record values only (not keys, headers or framing); MB = 10^6 bytes.
 //! Produce time runs from the shared start until every record is acknowledged; consume time
 //! from the same start until the last record was received.
@@ -18,13 +25,13 @@ use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use hdrhistogram::Histogram;
 use octolog_broker::{server, Broker, BrokerConfig};
-use octolog_client::{Client, ProducerRecord, StartAt, TopicOptions};
+use octolog_client::{Client, Consumer, ProducerRecord, StartAt, TopicOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -32,6 +39,7 @@ use tokio::time::Instant;
 
 use crate::args::{Plan, MESSAGE_HEADER_BYTES};
 use crate::error::{context, BenchError};
+use crate::received::{Arrival, Received};
 
 /// How often the progress line on stderr is refreshed.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -54,6 +62,9 @@ pub const LATENCY_US_MAX: u64 = 3_600_000_000;
 pub const LATENCY_SIGNIFICANT_DIGITS: u8 = 3;
 /// How long the in-process broker may take to shut down.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// With `--group`, how often a consumer commits the positions it has handed out (the client's
+/// default); a rebalance and `close` commit as well.
+pub const GROUP_AUTO_COMMIT: Duration = Duration::from_secs(1);
 
 /// The figures of a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +81,14 @@ pub struct Report {
     pub producers: usize,
     /// Consumer tasks.
     pub consumers: usize,
+    /// The consumer group the consumers joined; `None` when each read a fixed share.
+    pub group: Option<String>,
+    /// Records received again after they had already been received (by any consumer); only
+    /// meaningful with a group, where it should be 0 unless a member lost its session.
+    pub consume_duplicates: u64,
+    /// Records the group marked as possibly handed out before
+    /// (`ConsumerRecord::redelivered`); only meaningful with a group.
+    pub consume_redelivered: u64,
     /// The flush policy, or `broker` when an external broker decides.
     pub fsync: String,
     /// The broker measured, and whether this tool started it.
@@ -121,10 +140,12 @@ impl Report {
         per_second(self.records as f64, self.consume_secs)
     }
 
-    /// One JSON object with every figure as a number (INTERFACE.md keys first).
+    /// One JSON object with every figure as a number (INTERFACE.md keys first). With a group,
+    /// also `group`, `consume_duplicates` and `consume_redelivered`; without one these keys are
+    /// absent, as they would mean nothing.
     pub fn to_json(&self) -> serde_json::Value {
         let round = |v: f64| (v * 1000.0).round() / 1000.0;
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "produce_mb_s": round(self.produce_mb_s()),
             "produce_records_s": round(self.produce_records_s()),
             "consume_mb_s": round(self.consume_mb_s()),
@@ -145,7 +166,13 @@ impl Report {
             "rate_mb_s": self.rate_mb_s,
             "produce_secs": round(self.produce_secs),
             "consume_secs": round(self.consume_secs),
-        })
+        });
+        if let Some(group) = &self.group {
+            json["group"] = group.as_str().into();
+            json["consume_duplicates"] = self.consume_duplicates.into();
+            json["consume_redelivered"] = self.consume_redelivered.into();
+        }
+        json
     }
 
     /// Human-readable lines.
@@ -153,20 +180,32 @@ impl Report {
         let rate = self
             .rate_mb_s
             .map_or("unpaced".to_string(), |r| format!("paced at {r} MB/s"));
+        let group = match &self.group {
+            None => String::new(),
+            Some(group) => format!(
+                "\ngroup {group}: {duplicates} duplicate(s) (records received again), \
+                 {redelivered} redelivered (marked as possibly received before)",
+                duplicates = self.consume_duplicates,
+                redelivered = self.consume_redelivered,
+            ),
+        };
+        let consumers = match &self.group {
+            None => format!("{} consumer(s)", self.consumers),
+            Some(group) => format!("{} consumer(s) in group {group}", self.consumers),
+        };
         format!(
             "octolog-bench: {records} records of {message} bytes ({mb:.1} MB; MB = 10^6 bytes), \
-             {partitions} partitions, {producers} producer(s), {consumers} consumer(s), {rate}\n\
+             {partitions} partitions, {producers} producer(s), {consumers}, {rate}\n\
              broker: {broker}; fsync: {fsync}\n\
              produce: {pmb:.1} MB/s, {prec:.0} records/s ({psecs:.2} s until all acknowledged)\n\
              consume: {cmb:.1} MB/s, {crec:.0} records/s ({csecs:.2} s until all received)\n\
              latency (end to end, send to receive, first {warmup} records of each producer \
-             excluded, {samples} samples): p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us",
+             excluded, {samples} samples): p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us{group}",
             records = self.records,
             message = self.message_bytes,
             mb = self.bytes as f64 / 1e6,
             partitions = self.partitions,
             producers = self.producers,
-            consumers = self.consumers,
             broker = self.broker,
             fsync = self.fsync,
             pmb = self.produce_mb_s(),
@@ -210,8 +249,10 @@ fn new_histogram() -> Histogram<u64> {
 struct Counters {
     /// Bytes of values handed to producers.
     produced_bytes: AtomicU64,
-    /// Records received by consumers.
+    /// Distinct records received by consumers (a duplicate is not counted again).
     consumed_records: AtomicU64,
+    /// Records received marked as redelivered by the group.
+    redelivered_records: AtomicU64,
     /// Bytes of values received by consumers.
     consumed_bytes: AtomicU64,
     /// Nanoseconds after the start at which a record was last received.
@@ -328,19 +369,27 @@ async fn measure(
         .map_err(context(format!("cannot create topic {}", plan.topic)))?;
     let plan = Arc::new(plan.clone());
     let counters = Arc::new(Counters::default());
+    let received = Arc::new(Mutex::new(Received::new(plan.partitions, plan.records)));
     let start = Instant::now();
     let start_ns = now_ns();
 
     let consumers: Vec<_> = (0..plan.consumers)
         .map(|index| {
-            let partitions: Vec<u32> = (0..plan.partitions)
-                .filter(|p| *p as usize % plan.consumers == index)
-                .collect();
+            let share = match &plan.group {
+                Some(group) => Share::Group(group.clone()),
+                None => Share::Fixed(
+                    (0..plan.partitions)
+                        .filter(|p| *p as usize % plan.consumers == index)
+                        .collect(),
+                ),
+            };
             tokio::spawn(consume(
                 client.clone(),
                 Arc::clone(&plan),
-                partitions,
+                index,
+                share,
                 Arc::clone(&counters),
+                Arc::clone(&received),
                 start_ns,
             ))
         })
@@ -394,12 +443,16 @@ async fn measure(
     if let Some(e) = first_error {
         return Err(e);
     }
-    let consumed = counters.consumed_records.load(Ordering::Acquire);
-    if consumed != plan.records {
-        return Err(BenchError::Task(format!(
-            "consumed {consumed} records, expected {}",
-            plan.records
-        )));
+    let (missing, duplicates) = {
+        let received = lock(&received);
+        (received.missing_count(), received.duplicate_count())
+    };
+    if missing > 0 {
+        return Err(BenchError::Missing {
+            missing,
+            records: plan.records,
+            duplicates,
+        });
     }
     let consume_secs = counters.last_consumed_ns.load(Ordering::Acquire) as f64 / 1e9;
     Ok(Report {
@@ -409,6 +462,9 @@ async fn measure(
         partitions: plan.partitions,
         producers: plan.producers,
         consumers: plan.consumers,
+        group: plan.group.clone(),
+        consume_duplicates: duplicates,
+        consume_redelivered: counters.redelivered_records.load(Ordering::Acquire),
         fsync,
         broker,
         rate_mb_s: plan.rate_bytes_per_s.map(|r| r / 1e6),
@@ -490,25 +546,77 @@ async fn produce(
     Ok(())
 }
 
-/// A consumer of `partitions` from the beginning: receives until every record of the run has
-/// arrived (at any consumer) and returns its latency histogram.
+/// Which partitions a consumer reads.
+#[derive(Debug, Clone)]
+enum Share {
+    /// These partitions, assigned by hand.
+    Fixed(Vec<u32>),
+    /// Whatever this consumer group gives it, from time to time.
+    Group(String),
+}
+
+/// Locks the shared `Received`. A poisoned lock means a consumer panicked while holding it: a
+/// bug, so crash.
+fn lock(received: &Mutex<Received>) -> std::sync::MutexGuard<'_, Received> {
+    received
+        .lock()
+        .expect("a consumer panicked while noting records")
+}
+
+/// Consumer `index`: reads its share of the partitions from the beginning (with a group: from
+/// the group's committed positions, the beginning where there are none) until every record of
+/// the run has arrived (at any consumer), then leaves its group, and returns its latency
+/// histogram.
 async fn consume(
     client: Client,
     plan: Arc<Plan>,
-    partitions: Vec<u32>,
+    index: usize,
+    share: Share,
     counters: Arc<Counters>,
+    received: Arc<Mutex<Received>>,
     start_ns: u64,
 ) -> Result<Histogram<u64>, BenchError> {
     let mut consumer = client
         .consumer(plan.topic.as_str())
         .max_wait(CONSUMER_MAX_WAIT)
+        .group_start(StartAt::Beginning)
+        .auto_commit(Some(GROUP_AUTO_COMMIT))
+        .client_id(format!("octolog-bench-{}-{index}", std::process::id()))
         .build()
         .await
         .map_err(context("cannot start a consumer"))?;
-    consumer
-        .assign(&partitions, StartAt::Beginning)
-        .await
-        .map_err(context(format!("cannot assign partitions {partitions:?}")))?;
+    match &share {
+        Share::Fixed(partitions) => consumer
+            .assign(partitions, StartAt::Beginning)
+            .await
+            .map_err(context(format!("cannot assign partitions {partitions:?}")))?,
+        Share::Group(group) => consumer
+            .subscribe(group)
+            .await
+            .map_err(context(format!("cannot join consumer group {group}")))?,
+    }
+    let outcome = receive(&mut consumer, &plan, &counters, &received, start_ns).await;
+    // Leaving commits what was handed out and hands the partitions to the other members at
+    // once; without a group this just drops the consumer.
+    let closed = consumer.close().await;
+    let histogram = outcome?;
+    if let Share::Group(group) = &share {
+        closed.map_err(context(format!(
+            "cannot leave consumer group {group} cleanly"
+        )))?;
+    }
+    Ok(histogram)
+}
+
+/// The receiving loop of a consumer: until every record of the run has arrived (at any
+/// consumer) or another task failed.
+async fn receive(
+    consumer: &mut Consumer,
+    plan: &Plan,
+    counters: &Counters,
+    received: &Mutex<Received>,
+    start_ns: u64,
+) -> Result<Histogram<u64>, BenchError> {
     let mut histogram = new_histogram();
     loop {
         if counters.failed.load(Ordering::Relaxed) {
@@ -535,6 +643,9 @@ async fn consume(
             }
             continue;
         }
+        let mut first_count = 0u64;
+        let mut redelivered_count = 0u64;
+        let mut received = lock(received);
         for record in &records {
             let bad = |reason: String| BenchError::BadRecord {
                 partition: record.partition(),
@@ -549,6 +660,18 @@ async fn consume(
                     plan.message_bytes
                 )));
             }
+            if record.redelivered() {
+                redelivered_count += 1;
+            }
+            if received
+                .mark(record.partition(), record.offset().0)
+                .map_err(bad)?
+                == Arrival::Again
+            {
+                // Its latency was recorded when it first arrived.
+                continue;
+            }
+            first_count += 1;
             let field = |at: usize| {
                 let mut le = [0u8; 8];
                 le.copy_from_slice(&value[at..at + 8]);
@@ -560,19 +683,21 @@ async fn consume(
                 histogram.saturating_record(received_ns.saturating_sub(sent_ns) / 1000);
             }
         }
-        let count = records.len() as u64;
+        // Counted while the lock is held, so `consumed_records` never runs ahead of `Received`.
+        counters
+            .consumed_records
+            .fetch_add(first_count, Ordering::AcqRel);
+        drop(received);
+        counters
+            .redelivered_records
+            .fetch_add(redelivered_count, Ordering::Relaxed);
         counters
             .consumed_bytes
-            .fetch_add(count * plan.message_bytes as u64, Ordering::Relaxed);
-        counters
-            .last_consumed_ns
-            .fetch_max(received_ns.saturating_sub(start_ns), Ordering::AcqRel);
-        let total = counters.consumed_records.fetch_add(count, Ordering::AcqRel) + count;
-        if total > plan.records {
-            return Err(BenchError::Task(format!(
-                "received {total} records, more than the {} sent",
-                plan.records
-            )));
+            .fetch_add(first_count * plan.message_bytes as u64, Ordering::Relaxed);
+        if first_count > 0 {
+            counters
+                .last_consumed_ns
+                .fetch_max(received_ns.saturating_sub(start_ns), Ordering::AcqRel);
         }
     }
 }
@@ -642,6 +767,9 @@ mod tests {
             partitions: 8,
             producers: 1,
             consumers: 1,
+            group: None,
+            consume_duplicates: 0,
+            consume_redelivered: 0,
             fsync: "never".into(),
             broker: "in-process".into(),
             rate_mb_s: None,

@@ -54,6 +54,67 @@ fn json_run_reports_every_key_and_all_records() {
     assert_eq!(json["producers"].as_u64(), Some(1));
     assert_eq!(json["consumers"].as_u64(), Some(1));
     assert_eq!(json["fsync"], "never");
+    for key in ["group", "consume_duplicates", "consume_redelivered"] {
+        assert!(json.get(key).is_none(), "{key} without --group in {json}");
+    }
+}
+
+/// Guards `--group` (issue 5): two consumers sharing the topic through a consumer group receive
+/// every record exactly once between them, and the duplicate and redelivery counts are reported.
+#[test]
+fn group_run_receives_every_record_once() {
+    let total_bytes = 4_000_000u64;
+    let message_bytes = 1024u64;
+    let output = Command::new(BIN)
+        .args([
+            "--total-bytes",
+            &total_bytes.to_string(),
+            "--consumers",
+            "2",
+            "--partitions",
+            "4",
+            "--group",
+            "smoke",
+            "--json",
+        ])
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert_eq!(json["group"], "smoke");
+    assert_eq!(json["consumers"].as_u64(), Some(2));
+    assert_eq!(json["records"].as_u64(), Some(total_bytes / message_bytes));
+    assert_eq!(json["consume_duplicates"].as_u64(), Some(0), "{json}");
+    // Nothing is redelivered without a lost session or a broker restart.
+    assert_eq!(json["consume_redelivered"].as_u64(), Some(0), "{json}");
+    let consume_mb_s = json["consume_mb_s"].as_f64().unwrap_or(0.0);
+    assert!(consume_mb_s > 0.0, "{json}");
+}
+
+/// Guards the usage checks of `--group`: an empty or invalid name, and a group without
+/// consumers, exit 2 naming the flag, before any broker is started.
+#[test]
+fn bad_group_flags_exit_2() {
+    let bad: &[&[&str]] = &[
+        &["--group", ""],
+        &["--group", "has space"],
+        &["--group", "g", "--consumers", "0"],
+    ];
+    for args in bad {
+        let output = Command::new(BIN)
+            .args(*args)
+            .output()
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("--group"), "{args:?}: {stderr}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
 }
 
 /// Guards the exit statuses: 2 for a bad flag, 1 with `error: ...` for an unreachable broker.
