@@ -315,5 +315,11 @@ async fn shutdown_is_not_held_up_by_a_subscriber_that_stopped_reading() {
     // `stop` fails the test if the broker does not shut down (and close its logs) in time.
     let dir = broker.stop().await;
     assert!(dir.path().join("unread/0/clean-shutdown").exists());
+    // The data folder is free again at once, even while the stalled client still holds its
+    // connection (and the old server's connection task the broker): a new broker opens it.
+    let again = TestBroker::start_in(dir, |_| {}).await;
+    let records = common::consume_all(&again.client().await, "unread").await;
+    assert_eq!(records[&0].len(), 512);
     drop(consumer);
+    again.stop().await;
 }
