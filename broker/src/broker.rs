@@ -134,8 +134,10 @@ pub struct Broker {
     groups: Coordinator,
     /// Hands out idempotent producers' ids, each at most once per data folder.
     producer_ids: ProducerIds,
-    /// Held for the broker's life: one broker per data folder.
-    _lock: fs::File,
+    /// The data folder's lock: one broker per folder. Held until `close` has closed every log,
+    /// then released, so that a new broker can open the folder even while requests of this one
+    /// still linger (they can no longer touch the folder: everything is closed).
+    lock: Mutex<Option<fs::File>>,
 }
 
 /// The folder, inside the data folder, of consumer groups' committed positions. `@` cannot
@@ -222,7 +224,7 @@ impl Broker {
             shutting_down: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
             producer_ids,
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
         })
     }
 
@@ -773,6 +775,8 @@ impl Broker {
                 first_error.get_or_insert(e);
             }
         }
+        // Dropping the file releases its lock.
+        self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
         first_error.map_or(Ok(()), Err)
     }
 }
