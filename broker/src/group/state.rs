@@ -137,13 +137,9 @@ impl Group {
 
     /// Recomputes targets and moves what can move: grants free partitions to the members
     /// meant to own them and takes revoked ones out of assignments. `partition_count` gives a
-    /// topic's partition count (`None` if it no longer exists). Returns the members whose
-    /// assignment changed.
-    pub fn reconcile(
-        &mut self,
-        partition_count: &dyn Fn(&str) -> Option<u32>,
-        now: Instant,
-    ) -> Vec<String> {
+    /// topic's partition count (`None` if it no longer exists). Members whose assignment
+    /// changed are marked `pending` and woken.
+    pub fn reconcile(&mut self, partition_count: &dyn Fn(&str) -> Option<u32>, now: Instant) {
         let targets = compute_targets(&self.members, &self.owners, partition_count);
         for (id, member) in self.members.iter_mut() {
             member.target = targets.get(id).cloned().unwrap_or_default();
@@ -155,7 +151,6 @@ impl Group {
                 .get(&owner.member)
                 .is_some_and(|m| m.target.contains(tp) || m.sent.contains(tp))
         });
-        let mut changed = Vec::new();
         let ids: Vec<String> = self.members.keys().cloned().collect();
         for id in ids {
             let owned = self.owned_by(&id);
@@ -190,7 +185,6 @@ impl Group {
                             served_until: 0,
                         });
                 }
-                changed.push(id.clone());
             }
             let releasing = owned.iter().any(|tp| !member.assigned.contains(tp));
             match (releasing, member.release_deadline) {
@@ -202,7 +196,6 @@ impl Group {
                 member.notify.notify_one();
             }
         }
-        changed
     }
 
     /// Frees the partitions of a member that is gone. When `crashed`, what it was served past
