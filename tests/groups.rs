@@ -1009,3 +1009,69 @@ async fn a_member_that_stops_reading_its_stream_is_removed() {
     drop(out);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_joins_are_refused_clearly_and_the_broker_keeps_serving() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    create_topic(&client, "jobs", 1).await;
+    let join = |group: &str, topics: &[&str]| pb::MemberRequest {
+        kind: Some(pb::member_request::Kind::Join(pb::JoinGroup {
+            group: group.into(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        })),
+    };
+    let heartbeat = pb::MemberRequest {
+        kind: Some(pb::member_request::Kind::Heartbeat(pb::Heartbeat {})),
+    };
+    for (first, code, needle) in [
+        (
+            join("bad group!", &["jobs"]),
+            tonic::Code::InvalidArgument,
+            "invalid group name",
+        ),
+        (
+            join("g", &[]),
+            tonic::Code::InvalidArgument,
+            "at least one topic",
+        ),
+        (join("g", &["nope"]), tonic::Code::NotFound, "unknown topic"),
+        (heartbeat, tonic::Code::InvalidArgument, "first message"),
+    ] {
+        let mut groups = GroupsClient::connect(format!("http://{}", broker.addr()))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(first).await.unwrap();
+        let status = within(
+            "a refused join",
+            groups.join(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(needle), "{status:?}");
+    }
+    // A second join on an open stream ends that member's session, and it is gone.
+    let (tx, mut events, member) = raw_member(&broker.addr(), "g", "jobs", 10_000, 10_000).await;
+    next_assignment(&mut events).await;
+    tx.send(join("g", &["jobs"])).await.unwrap();
+    let status = loop {
+        match within("the end of the stream", events.message()).await {
+            Ok(Some(_)) => continue,
+            Err(status) => break status,
+            Ok(None) => panic!("stream ended without a status"),
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let d = client.admin().describe_group("g").await;
+    assert!(d.map_or(true, |d| d.members.iter().all(|m| m.member_id != member)));
+    // Nothing above hurt the broker: a well-formed member joins and gets the partition.
+    let (_tx, mut events, _) = raw_member(&broker.addr(), "g", "jobs", 10_000, 10_000).await;
+    assert_eq!(
+        partitions_of(&next_assignment(&mut events).await),
+        BTreeSet::from([0])
+    );
+    broker.stop().await;
+}
