@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# What the disk itself does, to read the `append` benchmarks against: the same write patterns as
-# the log, with dd (and fio when it is installed), in the folder the benchmarks use:
-# ${OCTOLOG_BENCH_DIR:-/tmp}.
+# What the machine itself does, to read the storage `append` benchmarks against: the same write
+# sizes as the log's appends, in the same regime, with fio (and dd), in the folder the benchmarks
+# use: ${OCTOLOG_BENCH_DIR:-/tmp}.
 #
-#   seq-fdatasync  256 KiB writes, one fdatasync at the end: streaming bandwidth, the ceiling of
-#                  append/never once the page cache is full of dirty data.
-#   dsync-16KiB    an fdatasync after every 16 KiB write: the floor of append/always/16KiB.
-#   dsync-256KiB   an fdatasync after every 256 KiB write: the floor of append/always/256KiB.
+#   pagecache-16KiB    1 GiB of 15,556-byte writes to a new file, no sync: the page cache's own
+#   pagecache-256KiB   speed for `append/never/16KiB` and `/256KiB` (their batches are exactly
+#                      15,556 and 261,788 bytes, which the benchmark prints; the writes are not
+#                      page-aligned, as a log's appends are not, which costs the kernel
+#                      partial-page work that 16 KiB-aligned writes do not pay).
+#   fdatasync-16KiB    writes of 15,556 / 261,788 bytes to a growing file with an fdatasync after
+#   fdatasync-256KiB   each, sustained for FIO_SUSTAINED_S seconds: `append/always` writes for as
+#                      long (criterion's 2 s warm-up + 10 s measurement), and this disk slows
+#                      down after its first few hundred MB of synced writes, so a short burst
+#                      would overstate it.
+#   seq-fdatasync      dd, 1 GiB of 256 KiB writes, one fdatasync at the end: streaming bandwidth.
+#   dsync-16KiB        dd, 16 MiB / 64 MiB of 16 KiB / 256 KiB writes with oflag=dsync: the short
+#   dsync-256KiB       burst, for reference only.
 #
 # Every file is new and grows with each write, as an active segment does (segments are never
 # pre-allocated), so each sync also commits the file's new size. Files are removed on exit.
-# Runs in well under a minute on a disk doing a few MB/s of synced 16 KiB writes; the fio jobs
-# stop after FIO_RUNTIME_S seconds each.
+# fio is needed for the first four cases (apt-get install fio); without it only the dd ones run.
 set -euo pipefail
 export LC_ALL=C
 
@@ -21,7 +29,11 @@ dir="${OCTOLOG_BENCH_DIR:-/tmp}"
 SEQ_COUNT=4096        # x 256 KiB = 1 GiB
 DSYNC_16K_COUNT=1024  # x 16 KiB = 16 MiB
 DSYNC_256K_COUNT=256  # x 256 KiB = 64 MiB
-FIO_RUNTIME_S=10
+SMALL_BATCH_BYTES=15556   # append/*/16KiB: one batch of 15 records of 1 KiB
+LARGE_BATCH_BYTES=261788  # append/*/256KiB: one batch of 253 records of 1 KiB
+PAGECACHE_SIZE=1g         # as much as an append/never log holds before it is replaced
+FIO_SUSTAINED_S=12        # criterion's warm-up (2 s) + measurement (10 s) of append/always
+FIO_SUSTAINED_SIZE=16g    # a bound the sustained runs do not reach on this disk
 
 if [[ ! -d "$dir" ]]; then
     echo "disk-baseline: $dir is not a folder (set OCTOLOG_BENCH_DIR to an existing one)" >&2
@@ -51,10 +63,10 @@ run_dd() {
             seconds = parts[n - 1]
             sub(/ s$/, "", seconds)
             if (n < 4 || bytes <= 0 || seconds <= 0) {
-                printf "dd  %-14s cannot parse dd output: %s\n", name, summary
+                printf "dd  %-16s cannot parse dd output: %s\n", name, summary
                 exit 1
             }
-            printf "dd  %-14s %9.1f MB/s  %8.3f ms/write  (%s, %d MB in %.2f s)\n",
+            printf "dd  %-16s %9.1f MB/s  %8.3f ms/write  (%s, %d MB in %.2f s)\n",
                 name, bytes / seconds / 1e6, seconds * 1000 / count, description,
                 bytes / 1e6, seconds
         }'
@@ -69,26 +81,30 @@ if ! command -v fio >/dev/null 2>&1; then
     exit 0
 fi
 
-# Runs one fio job of sequential writes with an fdatasync after each, appending to a new file
-# like the log does, and prints bandwidth and time per write.
-# Usage: run_fio NAME BLOCK_SIZE
+# Runs one fio job of sequential writes to a new file and prints bandwidth and time per write.
+# Usage: run_fio NAME BLOCK_SIZE DESCRIPTION fio-args...
 run_fio() {
-    local name="$1" block_size="$2" terse
+    local name="$1" block_size="$2" description="$3" terse
+    shift 3
     terse="$(fio --name="$name" --directory="$work" --rw=write --bs="$block_size" \
-        --fdatasync=1 --size=256m --ioengine=sync --runtime="$FIO_RUNTIME_S" \
-        --fallocate=none --output-format=terse --terse-version=3)"
+        --ioengine=psync --fallocate=none --output-format=terse --terse-version=3 "$@")"
     rm -f -- "$work/$name".*
     # Terse v3: field 47 is KiB written, 49 write IOPS, 50 write runtime in ms.
-    awk -F ';' -v name="$name" -v bs="$block_size" '
+    awk -F ';' -v name="$name" -v description="$description" '
         NF >= 50 && $50 > 0 {
-            printf "fio %-14s %9.1f MB/s  %8.3f ms/write  (bs=%s fdatasync=1, %d MB in %.2f s)\n",
-                name, $47 * 1024 / ($50 / 1000) / 1e6, ($49 > 0 ? 1000 / $49 : 0), bs,
-                $47 * 1024 / 1e6, $50 / 1000
+            printf "fio %-16s %9.1f MB/s  %8.3f ms/write  (%s, %d MB in %.2f s)\n",
+                name, $47 * 1024 / ($50 / 1000) / 1e6, ($49 > 0 ? 1000 / $49 : 0),
+                description, $47 * 1024 / 1e6, $50 / 1000
             found = 1
         }
         END { if (!found) { print "fio " name ": cannot parse fio output"; exit 1 } }' <<<"$terse"
 }
 
 echo "fio: $(fio --version)"
-run_fio fdatasync-16KiB 16k
-run_fio fdatasync-256KiB 256k
+run_fio pagecache-16KiB "$SMALL_BATCH_BYTES" "bs=$SMALL_BATCH_BYTES, no sync" --size="$PAGECACHE_SIZE"
+run_fio pagecache-256KiB "$LARGE_BATCH_BYTES" "bs=$LARGE_BATCH_BYTES, no sync" --size="$PAGECACHE_SIZE"
+sync
+run_fio fdatasync-16KiB "$SMALL_BATCH_BYTES" "bs=$SMALL_BATCH_BYTES fdatasync=1, ${FIO_SUSTAINED_S} s" \
+    --fdatasync=1 --size="$FIO_SUSTAINED_SIZE" --time_based --runtime="$FIO_SUSTAINED_S"
+run_fio fdatasync-256KiB "$LARGE_BATCH_BYTES" "bs=$LARGE_BATCH_BYTES fdatasync=1, ${FIO_SUSTAINED_S} s" \
+    --fdatasync=1 --size="$FIO_SUSTAINED_SIZE" --time_based --runtime="$FIO_SUSTAINED_S"
