@@ -748,10 +748,15 @@ async fn sender(shared: Arc<Shared>) {
             let now = Instant::now();
             for ((topic, partition), queue) in state.queues.iter_mut() {
                 if let Some(open) = &queue.open {
+                    // A batch that has lingered long enough stays open, taking more records,
+                    // while its partition has a request in flight: it could not leave before
+                    // that request is answered anyway (which wakes this task), and closing it
+                    // would only split the waiting records into many small batches (as Kafka's
+                    // accumulator, which drains a lingered batch when it can be sent).
                     let deadline = open.opened + shared.linger;
-                    if close_all || deadline <= now {
+                    if close_all || (deadline <= now && !queue.in_flight) {
                         close_open_batch(queue);
-                    } else {
+                    } else if !queue.in_flight {
                         next_deadline =
                             Some(next_deadline.map_or(deadline, |d: Instant| d.min(deadline)));
                     }
