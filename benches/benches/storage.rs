@@ -214,7 +214,9 @@ fn append(c: &mut Criterion) {
         {
             let mut batch = batch_within(batch_bytes_max);
             // The exact write size, for the disk baseline (`disk-baseline.sh` uses the same).
-            let records = BatchHeader::parse(&batch).expect("a valid batch").record_count;
+            let records = BatchHeader::parse(&batch)
+                .expect("a valid batch")
+                .record_count;
             eprintln!(
                 "append/{policy_name}/{size_name}: batches of {records} records, {} bytes",
                 batch.len()

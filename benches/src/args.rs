@@ -3,6 +3,8 @@
 //! Sizes accept a plain byte count or a suffix: `k`/`KB`, `M`/`MB`, `G`/`GB` are powers of 10;
 //! `KiB`, `MiB`, `GiB` are powers of 2. Rates are in MB/s, where 1 MB = 10^6 bytes.
 
+use std::time::Duration;
+
 use clap::Parser;
 use octolog_broker::{BrokerConfig, BrokerError};
 
@@ -17,6 +19,8 @@ const BATCH_FRAMING_BYTES: usize = 4096;
 
 /// Most producers or consumers: each is a task with its own buffers.
 pub const TASKS_MAX: usize = 1024;
+/// Largest `--linger-ms`: a minute.
+pub const LINGER_MS_MAX: u64 = 60_000;
 
 /// The command line, as typed.
 #[derive(Debug, Clone, Parser)]
@@ -58,6 +62,11 @@ pub struct Args {
     /// Pace producers to this many MB/s in total (MB = 10^6 bytes). Default: as fast as possible.
     #[arg(long, value_name = "MB_PER_S")]
     pub rate: Option<f64>,
+    /// How long a producer batch waits for more records before it is sent (the producer's
+    /// `linger`; Kafka's `linger.ms`), at most 60000. 0 sends a batch as soon as its partition
+    /// has no request in flight: the setting for latency at moderate load.
+    #[arg(long, default_value_t = 5)]
+    pub linger_ms: u64,
     /// Bytes at the start of the run left out of the latency figures (split evenly over the
     /// producers). Default: 10% of --total-bytes.
     #[arg(long, value_parser = parse_bytes)]
@@ -97,6 +106,8 @@ pub struct Plan {
     pub warmup_records_per_producer: u64,
     /// Total pacing rate in bytes per second, if paced.
     pub rate_bytes_per_s: Option<f64>,
+    /// The producers' linger.
+    pub linger: Duration,
     /// Topic name.
     pub topic: String,
     /// JSON output.
@@ -211,6 +222,9 @@ impl Args {
             Some(r) if r.is_finite() && r > 0.0 => Some(r * 1e6),
             Some(r) => return Err(format!("--rate must be a positive number of MB/s, not {r}")),
         };
+        if self.linger_ms > LINGER_MS_MAX {
+            return Err(format!("--linger-ms must be at most {LINGER_MS_MAX}"));
+        }
         let warmup_bytes = self.warmup_bytes.unwrap_or(self.total_bytes / 10);
         if warmup_bytes >= self.total_bytes {
             return Err("--warmup-bytes must be smaller than --total-bytes".into());
@@ -237,6 +251,7 @@ impl Args {
             records,
             warmup_records_per_producer,
             rate_bytes_per_s,
+            linger: Duration::from_millis(self.linger_ms),
             topic,
             json: self.json,
         })
@@ -291,6 +306,7 @@ mod tests {
         assert_eq!(p.warmup_records_per_producer, p.records / 10);
         assert!(p.topic.starts_with("bench-"));
         assert_eq!(p.rate_bytes_per_s, None);
+        assert_eq!(p.linger, Duration::from_millis(5));
         assert_eq!(p.group, None);
     }
 
@@ -322,6 +338,8 @@ mod tests {
             &["--message-bytes", "1MiB"],
             &["--fsync", "sometimes"],
             &["--rate", "0"],
+            &["--linger-ms", "60001"],
+            &["--linger-ms", "-1"],
             &["--rate", "fast"],
             &["--total-bytes", "100", "--message-bytes", "1024"],
             &["--warmup-bytes", "2GiB"],

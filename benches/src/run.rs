@@ -43,8 +43,6 @@ use crate::received::{Arrival, Received};
 
 /// How often the progress line on stderr is refreshed.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a batch waits for more records before it is sent (the producer's `linger`).
-pub const PRODUCER_LINGER: Duration = Duration::from_millis(5);
 /// Most deliveries a producer keeps unchecked; past it, it awaits the oldest before sending more.
 pub const DELIVERIES_PENDING_MAX: usize = 65_536;
 /// How long a consumer's fetch waits at the broker before answering empty.
@@ -95,6 +93,8 @@ pub struct Report {
     pub broker: String,
     /// The asked total rate in MB/s, if paced.
     pub rate_mb_s: Option<f64>,
+    /// The producers' linger, ms.
+    pub linger_ms: u64,
     /// Seconds from the start until every record was acknowledged.
     pub produce_secs: f64,
     /// Seconds from the start until the last record was received.
@@ -164,6 +164,7 @@ impl Report {
             "fsync": self.fsync,
             "broker": self.broker,
             "rate_mb_s": self.rate_mb_s,
+            "linger_ms": self.linger_ms,
             "produce_secs": round(self.produce_secs),
             "consume_secs": round(self.consume_secs),
         });
@@ -195,7 +196,7 @@ impl Report {
         };
         format!(
             "octolog-bench: {records} records of {message} bytes ({mb:.1} MB; MB = 10^6 bytes), \
-             {partitions} partitions, {producers} producer(s), {consumers}, {rate}\n\
+             {partitions} partitions, {producers} producer(s) (linger {linger} ms), {consumers}, {rate}\n\
              broker: {broker}; fsync: {fsync}\n\
              produce: {pmb:.1} MB/s, {prec:.0} records/s ({psecs:.2} s until all acknowledged)\n\
              consume: {cmb:.1} MB/s, {crec:.0} records/s ({csecs:.2} s until all received)\n\
@@ -206,6 +207,7 @@ impl Report {
             mb = self.bytes as f64 / 1e6,
             partitions = self.partitions,
             producers = self.producers,
+            linger = self.linger_ms,
             broker = self.broker,
             fsync = self.fsync,
             pmb = self.produce_mb_s(),
@@ -468,6 +470,7 @@ async fn measure(
         fsync,
         broker,
         rate_mb_s: plan.rate_bytes_per_s.map(|r| r / 1e6),
+        linger_ms: plan.linger.as_millis() as u64,
         produce_secs,
         consume_secs,
         warmup_records_per_producer: plan.warmup_records_per_producer,
@@ -490,7 +493,7 @@ async fn produce(
 ) -> Result<(), BenchError> {
     let producer = client
         .producer()
-        .linger(PRODUCER_LINGER)
+        .linger(plan.linger)
         .batch_bytes(plan.batch_bytes)
         .build()
         .await
@@ -773,6 +776,7 @@ mod tests {
             fsync: "never".into(),
             broker: "in-process".into(),
             rate_mb_s: None,
+            linger_ms: 5,
             produce_secs: 0.5,
             consume_secs: 1.0,
             warmup_records_per_producer: 100,
