@@ -4,10 +4,12 @@
 //! The binary's logic lives here so it can be tested: [`args`] turns flags into a checked
 //! [`args::Plan`], [`run::run`] carries it out against an in-process or remote broker and returns
 //! a [`run::Report`];
-//! [`received::Received`] tells which records arrived, once or more.
+//! [`received::Received`] tells which records arrived, once or more; [`memory`] samples the
+//! process's resident memory.
 
 pub mod args;
 pub mod error;
+pub mod memory;
 pub mod received;
 pub mod run;
 

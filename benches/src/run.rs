@@ -39,6 +39,7 @@ use tokio::time::Instant;
 
 use crate::args::{Plan, MESSAGE_HEADER_BYTES};
 use crate::error::{context, BenchError};
+use crate::memory;
 use crate::received::{Arrival, Received};
 
 /// How often the progress line on stderr is refreshed.
@@ -111,6 +112,9 @@ pub struct Report {
     pub latency_p999_us: u64,
     /// Largest, µs.
     pub latency_max_us: u64,
+    /// This process's resident memory over the run (with the in-process broker, the broker's
+    /// too), sampled every `PROGRESS_INTERVAL`; `None` where it cannot be read.
+    pub memory: Option<memory::Summary>,
 }
 
 /// `value / secs`, or 0 for a zero duration.
@@ -168,6 +172,13 @@ impl Report {
             "produce_secs": round(self.produce_secs),
             "consume_secs": round(self.consume_secs),
         });
+        if let Some(m) = &self.memory {
+            let mb = |bytes: u64| round(bytes as f64 / 1e6);
+            json["rss_anon_start_mb"] = mb(m.start.anon_bytes).into();
+            json["rss_anon_peak_mb"] = mb(m.anon_peak_bytes).into();
+            json["rss_anon_end_mb"] = mb(m.end.anon_bytes).into();
+            json["rss_file_peak_mb"] = mb(m.file_peak_bytes).into();
+        }
         if let Some(group) = &self.group {
             json["group"] = group.as_str().into();
             json["consume_duplicates"] = self.consume_duplicates.into();
@@ -190,6 +201,22 @@ impl Report {
                 redelivered = self.consume_redelivered,
             ),
         };
+        let memory = match &self.memory {
+            None => String::new(),
+            Some(m) => format!(
+                "\nmemory of this process{broker}: anon RSS {start:.0} MB at start, peak {peak:.0} MB, \
+                 {end:.0} MB at end; file-backed RSS peak {file:.0} MB (mapped segments, reclaimable)",
+                broker = if self.broker.starts_with("in-process") {
+                    " (bench and in-process broker)"
+                } else {
+                    " (bench only)"
+                },
+                start = m.start.anon_bytes as f64 / 1e6,
+                peak = m.anon_peak_bytes as f64 / 1e6,
+                end = m.end.anon_bytes as f64 / 1e6,
+                file = m.file_peak_bytes as f64 / 1e6,
+            ),
+        };
         let consumers = match &self.group {
             None => format!("{} consumer(s)", self.consumers),
             Some(group) => format!("{} consumer(s) in group {group}", self.consumers),
@@ -201,7 +228,7 @@ impl Report {
              produce: {pmb:.1} MB/s, {prec:.0} records/s ({psecs:.2} s until all acknowledged)\n\
              consume: {cmb:.1} MB/s, {crec:.0} records/s ({csecs:.2} s until all received)\n\
              latency (end to end, send to receive, first {warmup} records of each producer \
-             excluded, {samples} samples): p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us{group}",
+             excluded, {samples} samples): p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us{memory}{group}",
             records = self.records,
             message = self.message_bytes,
             mb = self.bytes as f64 / 1e6,
@@ -261,6 +288,22 @@ struct Counters {
     last_consumed_ns: AtomicU64,
     /// Set when a task failed, so the others stop instead of waiting for records.
     failed: AtomicBool,
+    /// This process's memory, sampled at the start, at every progress tick and at the end;
+    /// `None` where it cannot be read.
+    memory: Mutex<Option<memory::Summary>>,
+}
+
+impl Counters {
+    /// Takes a memory sample, if memory can be sampled here; returns it.
+    fn sample_memory(&self) -> Option<memory::Sample> {
+        let sample = memory::sample()?;
+        let mut summary = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        match summary.as_mut() {
+            Some(summary) => summary.note(sample),
+            None => *summary = Some(memory::Summary::new(sample)),
+        }
+        Some(sample)
+    }
 }
 
 /// A broker this tool started, on a temporary data dir.
@@ -371,6 +414,7 @@ async fn measure(
         .map_err(context(format!("cannot create topic {}", plan.topic)))?;
     let plan = Arc::new(plan.clone());
     let counters = Arc::new(Counters::default());
+    counters.sample_memory();
     let received = Arc::new(Mutex::new(Received::new(plan.partitions, plan.records)));
     let start = Instant::now();
     let start_ns = now_ns();
@@ -439,6 +483,8 @@ async fn measure(
     }
     progress.abort();
     let _ = progress.await;
+    counters.sample_memory();
+    let memory = *counters.memory.lock().unwrap_or_else(|e| e.into_inner());
     if std::io::stderr().is_terminal() {
         eprintln!();
     }
@@ -479,6 +525,7 @@ async fn measure(
         latency_p99_us: histogram.value_at_quantile(0.99),
         latency_p999_us: histogram.value_at_quantile(0.999),
         latency_max_us: histogram.max(),
+        memory,
     })
 }
 
@@ -724,8 +771,11 @@ async fn progress(plan: Arc<Plan>, counters: Arc<Counters>) {
         );
         last_bytes = produced;
         last_at = now;
+        let memory = counters.sample_memory().map_or(String::new(), |m| {
+            format!(", anon RSS {:.0} MB", m.anon_bytes as f64 / 1e6)
+        });
         let line = format!(
-            "produced {:.1}/{:.1} MB ({mb_s:.1} MB/s now), consumed {:.1} MB",
+            "produced {:.1}/{:.1} MB ({mb_s:.1} MB/s now), consumed {:.1} MB{memory}",
             produced as f64 / 1e6,
             plan.bytes() as f64 / 1e6,
             consumed as f64 / 1e6,
@@ -785,6 +835,7 @@ mod tests {
             latency_p99_us: 20,
             latency_p999_us: 30,
             latency_max_us: 40,
+            memory: None,
         };
         let json = report.to_json();
         for key in [
@@ -807,6 +858,28 @@ mod tests {
         assert_eq!(json["produce_mb_s"].as_f64(), Some(2.048));
         assert_eq!(json["consume_records_s"].as_f64(), Some(1000.0));
         assert_eq!(json["fsync"], "never");
+        assert_eq!(json["linger_ms"], 5);
+        assert!(json.get("rss_anon_peak_mb").is_none());
         assert!(report.to_text().contains("p99.9 30 us"));
+
+        let sample = |anon_mb: u64| memory::Sample {
+            anon_bytes: anon_mb * 1_000_000,
+            file_bytes: 7_000_000,
+        };
+        let mut summary = memory::Summary::new(sample(10));
+        summary.note(sample(40));
+        summary.note(sample(25));
+        let report = Report {
+            memory: Some(summary),
+            ..report
+        };
+        let json = report.to_json();
+        assert_eq!(json["rss_anon_start_mb"].as_f64(), Some(10.0));
+        assert_eq!(json["rss_anon_peak_mb"].as_f64(), Some(40.0));
+        assert_eq!(json["rss_anon_end_mb"].as_f64(), Some(25.0));
+        assert_eq!(json["rss_file_peak_mb"].as_f64(), Some(7.0));
+        assert!(report
+            .to_text()
+            .contains("anon RSS 10 MB at start, peak 40 MB, 25 MB at end"));
     }
 }
