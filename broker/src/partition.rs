@@ -194,15 +194,31 @@ impl Partition {
     }
 
     /// Writes the producer-state snapshot as of the log end offset, if every record below it is
-    /// flushed (always after `close`). Holds the state's mutex so no idempotent append slips
-    /// between the state and the offset.
+    /// flushed (always after `close`). The state is encoded under its mutex so no idempotent
+    /// append slips between the state and the offset. With `FlushPolicy::Always` it then waits
+    /// for those records (outside the mutex), since some may still be waiting for their
+    /// appender's fsync: skipping instead would skip most snapshots under a steady load. Called
+    /// by maintenance, and by `close` once maintenance has stopped: one writer at a time.
     fn write_snapshot(&self, closed: bool) -> Result<bool> {
-        let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
-        let log_end_offset = self.log.log_end_offset();
-        if !closed && self.log.recovery_point() < log_end_offset {
+        let always = self.log.config().flush == FlushPolicy::Always;
+        let (bytes, log_end_offset) = {
+            let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+            let log_end_offset = self.log.log_end_offset();
+            if !closed && !always && self.log.recovery_point() < log_end_offset {
+                return Ok(false);
+            }
+            (producers.encode(log_end_offset), log_end_offset)
+        };
+        if !closed && always {
+            self.log
+                .flush_to(log_end_offset)
+                .map_err(|e| self.storage_error(e))?;
+        }
+        // A snapshot must never cover records a crash could take back.
+        if self.log.recovery_point() < log_end_offset {
+            assert!(!closed, "close flushes every record");
             return Ok(false);
         }
-        let bytes = producers.encode(log_end_offset);
         self.bytes_since_snapshot.store(0, Ordering::Relaxed);
         write_atomically(self.log.dir(), SNAPSHOT_FILE, &bytes)?;
         Ok(true)
@@ -672,5 +688,28 @@ mod tests {
         wait_durable(p.log(), &info, "jobs", 0).unwrap();
         let values: Vec<String> = read_all(&p).into_iter().map(|(_, v)| v).collect();
         assert_eq!(values, ["1-0-0", "1-0-1", "1-0-2", "2-0-0", "3-0-0"]);
+    }
+
+    /// Guards that with `Always` a snapshot is not skipped because idempotent records are
+    /// written but still waiting for their appender's fsync (which the mutex no longer covers):
+    /// it waits for them, so it still never covers records a crash could take back.
+    #[tokio::test]
+    async fn snapshot_waits_for_records_not_yet_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path(), &config(FlushPolicy::Always));
+        for seq in 0..20 {
+            append(&p, &[batch(1, 0, seq, 1)]).await.unwrap();
+        }
+        let mut waiting = batch(2, 0, 0, 2);
+        append_checked(p.log(), &p.producers, &mut waiting, "jobs", 0).unwrap();
+        assert!(p.log().recovery_point() < p.log().log_end_offset());
+        assert!(p.snapshot_if_due().unwrap());
+        let end = p.log().log_end_offset();
+        assert_eq!(p.log().recovery_point(), end);
+        let snapshot = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        assert_eq!(
+            ProducerStates::decode(&snapshot),
+            Ok((p.producer_states(), end))
+        );
     }
 }
