@@ -370,24 +370,40 @@ impl Log {
     /// validated (structure, magic, CRC-32C, size) before anything is written.
     ///
     /// With `FlushPolicy::Always` it returns once the batches are on disk; concurrent appends
-    /// share one `fdatasync`.
+    /// share one `fdatasync`. It is `append_unflushed` followed by `flush_to`.
     ///
     /// # Errors
     ///
     /// `EmptyAppend`, `InvalidBatch` or `BatchTooLarge` for bad input, with the log untouched;
-    /// `Closed` after `close`; `Io` if the disk fails (batches appended before the failure stay).
+    /// `Closed` after `close`; `Io` if the disk fails (batches appended before the failure stay),
+    /// and as `flush_to`.
     pub fn append(&self, batches: &mut [u8]) -> Result<AppendInfo> {
-        self.validate(batches)?;
-        let info = {
-            let _writer = lock(&self.writer);
-            self.check_writable()?;
-            let appended = self.append_locked(batches);
-            self.fail_on_error(appended)?
-        };
+        let info = self.append_unflushed(batches)?;
         if self.config.flush == FlushPolicy::Always {
-            self.flush_to(info.log_end_offset.0)?;
+            self.flush_to(info.log_end_offset)?;
         }
         Ok(info)
+    }
+
+    /// Appends and validates exactly like `append`, but never flushes, whatever the flush
+    /// policy, so that a caller can release its own locks before it waits for the disk: it
+    /// returns once the batches are in the segment (the page cache).
+    ///
+    /// With `FlushPolicy::Always` the records are not visible to readers (they stay at or
+    /// above the high watermark) until someone flushes them: the caller's own
+    /// `flush_to(info.log_end_offset)`, or a concurrent `flush_to`, `append`, roll, `flush` or
+    /// `close`. A caller must call `flush_to` before it acknowledges them to anyone. With the
+    /// other policies they are visible at once, as after `append`.
+    ///
+    /// # Errors
+    ///
+    /// As `append`, except that it never waits for a flush.
+    pub fn append_unflushed(&self, batches: &mut [u8]) -> Result<AppendInfo> {
+        self.validate(batches)?;
+        let _writer = lock(&self.writer);
+        self.check_writable()?;
+        let appended = self.append_locked(batches);
+        self.fail_on_error(appended)
     }
 
     fn validate(&self, batches: &[u8]) -> Result<()> {
@@ -514,12 +530,25 @@ impl Log {
         self.fail_on_error(rolled).map(drop)
     }
 
-    /// Makes every record below `target` durable, sharing the work with concurrent callers:
-    /// whoever holds the flush lock flushes everything appended so far, so the callers queued
-    /// behind it usually find their records already flushed (group commit).
-    fn flush_to(&self, target: u64) -> Result<()> {
+    /// Returns once every record in `[log_start_offset, end)` is on disk (below the recovery
+    /// point) and, with `FlushPolicy::Always`, visible to readers. A no-op when they already
+    /// are, whatever has happened to the log since. Otherwise it flushes, sharing the work with
+    /// concurrent callers: whoever holds the flush lock flushes everything appended so far, so
+    /// the callers queued behind it usually find their records already flushed (group commit).
+    ///
+    /// `end` is meant to come from an append (`AppendInfo::log_end_offset`, or
+    /// `last_offset + 1`). It does not write the recovery-point checkpoint (`flush` does); a
+    /// crash loses nothing by that, recovery just scans further.
+    ///
+    /// # Errors
+    ///
+    /// `Failed` if the log failed before the records were flushed, and `Io` if this flush
+    /// fails (the log fails then, and takes no more writes until reopened): either way the
+    /// records must not be acknowledged. `OffsetOutOfRange` if `end` is past the log end
+    /// offset, which only happens when `truncate_to` cut the records meanwhile.
+    pub fn flush_to(&self, end: Offset) -> Result<()> {
         let mut state = lock(&self.flush_state);
-        if target <= self.recovery_point.load(Ordering::Acquire) {
+        if end.0 <= self.recovery_point.load(Ordering::Acquire) {
             return Ok(());
         }
         if self.failed.load(Ordering::Acquire) {
@@ -528,7 +557,16 @@ impl Log {
             });
         }
         let flushed = self.flush_locked(&mut state);
-        self.fail_on_error(flushed)
+        self.fail_on_error(flushed)?;
+        let recovery_point = self.recovery_point.load(Ordering::Acquire);
+        if recovery_point < end.0 {
+            return Err(StorageError::OffsetOutOfRange {
+                offset: end,
+                log_start_offset: self.log_start_offset(),
+                log_end_offset: Offset(recovery_point),
+            });
+        }
+        Ok(())
     }
 
     /// Flushes everything appended so far. Called with the flush lock held.

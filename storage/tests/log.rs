@@ -451,6 +451,162 @@ fn flush_always_makes_records_visible_only_when_durable_and_shares_fsyncs() {
     assert_eq!(read_all(&log, 0).len(), 100);
 }
 
+/// Guards the contract of `append_unflushed` with `Always`: invisible until a `flush_to`, and
+/// one flush covers everything appended before it (group commit), whoever asked for it.
+#[test]
+fn append_unflushed_is_invisible_with_flush_always_until_flush_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        flush: FlushPolicy::Always,
+        ..small_config()
+    };
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    let a = log
+        .append_unflushed(&mut batch(&[b"a".to_vec()], 0))
+        .unwrap();
+    let b = log
+        .append_unflushed(&mut batch(&[b"b".to_vec(), b"c".to_vec()], 0))
+        .unwrap();
+    assert_eq!((a.first_offset, a.log_end_offset), (Offset(0), Offset(1)));
+    assert_eq!((b.first_offset, b.log_end_offset), (Offset(1), Offset(3)));
+    assert_eq!(log.log_end_offset(), Offset(3));
+    assert_eq!(log.high_watermark(), Offset(0));
+    assert_eq!(log.recovery_point(), Offset(0));
+    assert!(log.read(Offset(0), 1 << 20).unwrap().batches.is_empty());
+    assert_eq!(log.offset_for_timestamp(0).unwrap(), None);
+
+    // Flushing for `a` flushes `b` too: its own flush_to then has nothing left to do.
+    log.flush_to(a.log_end_offset).unwrap();
+    assert_eq!(log.recovery_point(), Offset(3));
+    assert_eq!(log.high_watermark(), Offset(3));
+    log.flush_to(b.log_end_offset).unwrap();
+    let values: Vec<_> = read_all(&log, 0).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(values, [&b"a"[..], b"b", b"c"]);
+
+    // Dropped without close: what flush_to made durable is kept by recovery.
+    drop(log);
+    let log = Log::open(dir.path(), config).unwrap();
+    assert!(!log.open_report().clean_shutdown);
+    assert_eq!(read_all(&log, 0).len(), 3);
+}
+
+/// Guards that `flush_to` an offset already flushed does nothing: later unflushed records stay
+/// invisible.
+#[test]
+fn flush_to_below_the_recovery_point_is_a_no_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        flush: FlushPolicy::Always,
+        ..small_config()
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    let a = log.append(&mut batch(&[b"a".to_vec()], 0)).unwrap();
+    let b = log
+        .append_unflushed(&mut batch(&[b"b".to_vec()], 0))
+        .unwrap();
+    for end in [Offset(0), a.first_offset, a.log_end_offset] {
+        log.flush_to(end).unwrap();
+        assert_eq!(log.recovery_point(), a.log_end_offset);
+        assert_eq!(log.high_watermark(), a.log_end_offset);
+    }
+    assert_eq!(read_all(&log, 0).len(), 1);
+    log.flush_to(b.log_end_offset).unwrap();
+    assert_eq!(log.high_watermark(), b.log_end_offset);
+    assert_eq!(read_all(&log, 0).len(), 2);
+}
+
+/// Guards that the other policies are unchanged by `append_unflushed` (visible at once), and
+/// that `flush_to` makes records durable under them too.
+#[test]
+fn append_unflushed_with_flush_never_is_visible_and_flush_to_makes_it_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let a = log
+        .append_unflushed(&mut batch(&[b"a".to_vec()], 0))
+        .unwrap();
+    assert_eq!(log.high_watermark(), a.log_end_offset);
+    assert_eq!(read_all(&log, 0).len(), 1);
+    assert_eq!(log.recovery_point(), Offset(0));
+    log.flush_to(a.log_end_offset).unwrap();
+    assert_eq!(log.recovery_point(), a.log_end_offset);
+}
+
+/// Guards that `flush_to` never reports as durable records that `truncate_to` cut between the
+/// append and the flush, nor offsets never assigned; the log keeps working.
+#[test]
+fn flush_to_past_the_log_end_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        flush: FlushPolicy::Always,
+        ..small_config()
+    };
+    let log = Log::open(dir.path(), config).unwrap();
+    log.append(&mut batch(&[b"a".to_vec()], 0)).unwrap();
+    let cut = log
+        .append_unflushed(&mut batch(&[b"b".to_vec()], 0))
+        .unwrap();
+    assert_eq!(log.truncate_to(cut.first_offset).unwrap(), Offset(1));
+    for end in [cut.log_end_offset, Offset(100)] {
+        match log.flush_to(end) {
+            Err(StorageError::OffsetOutOfRange {
+                offset,
+                log_end_offset,
+                ..
+            }) => assert_eq!((offset, log_end_offset), (end, Offset(1))),
+            other => panic!("expected OffsetOutOfRange, got {other:?}"),
+        }
+    }
+    let next = log.append(&mut batch(&[b"c".to_vec()], 0)).unwrap();
+    assert_eq!(next.first_offset, Offset(1));
+    assert_eq!(read_all(&log, 0).len(), 2);
+}
+
+/// Guards the split append path under concurrency: every record ends durable, visible and
+/// exactly once, at dense offsets, also after an unclean reopen.
+#[test]
+fn concurrent_append_unflushed_and_flush_to_end_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        flush: FlushPolicy::Always,
+        ..small_config()
+    };
+    let log = Arc::new(Log::open(dir.path(), config.clone()).unwrap());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                let mut appended = Vec::new();
+                for i in 0..25 {
+                    let value = format!("t{t}-{i}").into_bytes();
+                    let info = log
+                        .append_unflushed(&mut batch(std::slice::from_ref(&value), 0))
+                        .unwrap();
+                    log.flush_to(info.log_end_offset).unwrap();
+                    assert!(info.log_end_offset <= log.recovery_point());
+                    assert!(info.log_end_offset <= log.high_watermark());
+                    appended.push((info.first_offset.0, value));
+                }
+                appended
+            })
+        })
+        .collect();
+    let mut appended: Vec<(u64, Vec<u8>)> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    appended.sort_unstable();
+    let offsets: Vec<u64> = appended.iter().map(|(offset, _)| *offset).collect();
+    assert_eq!(offsets, (0..100).collect::<Vec<_>>());
+    assert_eq!(log.recovery_point(), Offset(100));
+    drop(log);
+    let log = Log::open(dir.path(), config).unwrap();
+    let stored: Vec<(u64, Vec<u8>)> = read_all(&log, 0)
+        .into_iter()
+        .map(|(offset, value)| (offset, value.to_vec()))
+        .collect();
+    assert_eq!(stored, appended);
+}
+
 #[test]
 fn flush_interval_flushes_when_due() {
     let dir = tempfile::tempdir().unwrap();
