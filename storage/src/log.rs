@@ -903,14 +903,20 @@ impl Log {
         }
         let segments = self.segments();
         let active = segments.last().expect("one segment");
-        active.seal()?;
         let mut state = lock(&self.flush_state);
-        self.flush_locked(&mut state)?;
-        for segment in segments.iter() {
-            if !segment.indexes_synced() {
-                segment.flush(true)?;
+        // A failure here fails the log: an appender that wrote before the close and waits in
+        // `flush_to` must get an error, not a retried fsync that Linux may report as a success
+        // after the first one failed (the dirty pages it lost are not written again).
+        let synced = active.seal().and_then(|()| {
+            self.flush_locked(&mut state)?;
+            for segment in segments.iter() {
+                if !segment.indexes_synced() {
+                    segment.flush(true)?;
+                }
             }
-        }
+            Ok(())
+        });
+        self.fail_on_error(synced)?;
         self.write_checkpoint()?;
         checkpoint::write_clean_shutdown_marker(&self.dir)?;
         self.closed_cleanly.store(true, Ordering::Release);

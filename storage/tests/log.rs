@@ -418,7 +418,7 @@ fn clean_close_and_reopen_keeps_everything_and_appends_continue() {
 }
 
 #[test]
-fn flush_always_makes_records_visible_only_when_durable_and_shares_fsyncs() {
+fn flush_always_appends_from_threads_return_durable_and_dense() {
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig {
         flush: FlushPolicy::Always,
