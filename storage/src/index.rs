@@ -12,8 +12,9 @@
 //!   timestamp <= `timestamp_ms`" (a running maximum). Entries are added only when the maximum
 //!   grows, so both columns strictly increase.
 //!
-//! While a segment is active its index files are `index_bytes_max` long (pre-allocated); sealing
-//! trims them to their entries.
+//! While a segment is active its index files are `index_bytes_max` long (pre-allocated, sparse);
+//! entries are stored through a shared writable map into room reserved a few KiB at a time;
+//! sealing trims them to their entries.
 //!
 //! Thread-safety: one writer (the log's append path, serialised by the log) and any number of
 //! readers. The writer fills an entry and then publishes it by bumping an atomic count with
@@ -23,7 +24,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -36,14 +37,25 @@ pub(crate) const TIME_ENTRY_BYTES: usize = 12;
 const _: () = assert!(OFFSET_ENTRY_BYTES == 4 + 4);
 const _: () = assert!(TIME_ENTRY_BYTES == 8 + 4);
 
+/// Bytes of index file reserved at a time, by writing zeros through `pwrite`, before entries
+/// are stored into that part of the map: a store into a page whose blocks the file system has
+/// not reserved could need space on a full disk and raise SIGBUS, where `pwrite` returns an
+/// error. One reservation covers 512 offset index entries (2 MiB of log at the default
+/// `index_interval_bytes`) or 341 time index entries.
+const RESERVE_CHUNK_BYTES: usize = 4096;
+
 /// A file of fixed-size entries, memory-mapped for reading and writing.
+///
+/// No file descriptor is kept: entries are stored through the map, and the few operations that
+/// need the file (reserving room, trimming, syncing) open it by path. A partition's active
+/// segment thus holds one descriptor (its `.log`) instead of three, which matters with
+/// thousands of partitions.
 #[derive(Debug)]
 struct MappedIndex {
-    /// Where the file lives, for error messages and deletion.
+    /// Where the file lives, for the operations that open it, error messages and deletion.
     path: PathBuf,
-    /// Kept open so the file can be trimmed, synced and grown.
-    file: File,
-    /// Read-only mapping; `capacity * entry_bytes` bytes are backed by the file.
+    /// Shared mapping of `capacity * entry_bytes` bytes (at least one entry); writable while
+    /// the index has spare room, read-only for a sealed index opened from disk.
     map: MmapRaw,
     /// Bytes per entry.
     entry_bytes: usize,
@@ -51,11 +63,14 @@ struct MappedIndex {
     capacity: AtomicU32,
     /// Entries published to readers.
     count: AtomicU32,
+    /// The file's first `reserved` bytes have blocks reserved (written, or zeros written by
+    /// `reserve`), so stores into them cannot fail for want of space. Only the writer uses it.
+    reserved: AtomicUsize,
 }
 
 impl MappedIndex {
-    /// Creates a fresh, pre-allocated index, replacing any file of that name. The old file is
-    /// unlinked rather than truncated, so readers that still map it are not disturbed.
+    /// Creates a fresh, pre-allocated (sparse) index, replacing any file of that name. The old
+    /// file is unlinked rather than truncated, so readers that still map it are not disturbed.
     fn create(path: &Path, entry_bytes: usize, bytes_max: u32) -> Result<MappedIndex> {
         remove_if_exists(path)?;
         let file = OpenOptions::new()
@@ -85,7 +100,7 @@ impl MappedIndex {
             Err(e) => return Err(io_err(path)(e)),
         };
         let len = file.metadata().map_err(io_err(path))?.len() as usize;
-        if len % entry_bytes != 0 || len > u32::MAX as usize {
+        if !len.is_multiple_of(entry_bytes) || len > u32::MAX as usize {
             return Ok(None);
         }
         let count = len / entry_bytes;
@@ -97,6 +112,8 @@ impl MappedIndex {
         Self::map(path, file, entry_bytes, count, capacity).map(Some)
     }
 
+    /// Sizes `file` for `capacity` entries and maps it; the descriptor is closed on return (the
+    /// mapping stays valid).
     fn map(
         path: &Path,
         file: File,
@@ -111,17 +128,25 @@ impl MappedIndex {
         }
         // A mapping cannot be empty; one entry of slack past the end of an empty file is never
         // touched because reads stop at `count` and writes at `capacity`.
-        let map = MmapOptions::new()
-            .len(bytes.max(entry_bytes))
-            .map_raw_read_only(&file)
-            .map_err(io_err(path))?;
+        let options = {
+            let mut options = MmapOptions::new();
+            options.len(bytes.max(entry_bytes));
+            options
+        };
+        let map = if count < capacity {
+            options.map_raw(&file)
+        } else {
+            options.map_raw_read_only(&file)
+        }
+        .map_err(io_err(path))?;
         Ok(MappedIndex {
             path: path.to_path_buf(),
-            file,
             map,
             entry_bytes,
             capacity: AtomicU32::new(capacity as u32),
             count: AtomicU32::new(count as u32),
+            // Entries on disk are written; room past them is a hole until reserved.
+            reserved: AtomicUsize::new(count * entry_bytes),
         })
     }
 
@@ -154,19 +179,51 @@ impl MappedIndex {
 
     /// Appends one entry. Only the log's single writer calls this.
     ///
-    /// The entry is written with `pwrite`, not through the map: the pre-allocated file is
-    /// sparse, and a store into a hole page that the file system cannot back (disk full) would
-    /// raise SIGBUS, where `pwrite` returns an error. The shared map sees the written bytes.
+    /// The entry is stored through the map, into room reserved beforehand (see
+    /// `RESERVE_CHUNK_BYTES`), so a full disk fails `reserve` with an error instead of a store
+    /// with SIGBUS.
     fn push(&self, bytes: &[u8]) -> Result<()> {
-        use std::os::unix::fs::FileExt;
         assert!(bytes.len() == self.entry_bytes);
         let count = self.count.load(Ordering::Relaxed) as usize;
         assert!(count < self.capacity.load(Ordering::Relaxed) as usize);
-        // No reader reads slot `count` before `count` is bumped below, and there is one writer.
-        self.file
-            .write_all_at(bytes, (count * self.entry_bytes) as u64)
-            .map_err(io_err(&self.path))?;
+        let at = count * self.entry_bytes;
+        let end = at + self.entry_bytes;
+        if end > self.reserved.load(Ordering::Relaxed) {
+            self.reserve(end)?;
+        }
+        // SAFETY: `count < capacity`, so the slot lies inside the mapping and the file, and the
+        // mapping is writable (it is read-only only when `count == capacity` at open, and
+        // `capacity` never grows). No reader reads slot `count` before `count` is bumped below
+        // with release ordering, and there is one writer. The slot's blocks are reserved.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(at),
+                self.entry_bytes,
+            );
+        }
         self.count.store(count as u32 + 1, Ordering::Release);
+        Ok(())
+    }
+
+    /// Reserves the file's blocks up to at least `end` by writing zeros over the unreserved
+    /// room, a chunk at a time, up to the file's end at most. The zeros lie past `count`, where
+    /// nothing reads, and are overwritten by entries.
+    fn reserve(&self, end: usize) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let from = self.reserved.load(Ordering::Relaxed);
+        let file_bytes = self.capacity() * self.entry_bytes;
+        assert!(from < end && end <= file_bytes);
+        let to = (end.div_ceil(RESERVE_CHUNK_BYTES) * RESERVE_CHUNK_BYTES).min(file_bytes);
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(io_err(&self.path))?;
+        // Zeros only where no entry is yet: `from` is at or past the last stored entry's end.
+        let zeros = vec![0u8; to - from];
+        file.write_all_at(&zeros, from as u64)
+            .map_err(io_err(&self.path))?;
+        self.reserved.store(to, Ordering::Relaxed);
         Ok(())
     }
 
@@ -174,13 +231,19 @@ impl MappedIndex {
     fn trim(&self) -> Result<()> {
         let count = self.count();
         self.capacity.store(count as u32, Ordering::Relaxed);
-        self.file
-            .set_len((count * self.entry_bytes) as u64)
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(io_err(&self.path))?;
+        file.set_len((count * self.entry_bytes) as u64)
             .map_err(io_err(&self.path))
     }
 
+    /// Forces the entries (stored through the map or not) to disk: `fdatasync` writes every
+    /// dirty page of the file, whichever descriptor or mapping dirtied it.
     fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(io_err(&self.path))
+        let file = File::open(&self.path).map_err(io_err(&self.path))?;
+        file.sync_data().map_err(io_err(&self.path))
     }
 
     fn delete(&self) -> Result<()> {
@@ -480,6 +543,65 @@ mod tests {
         assert!(OffsetIndex::open(&path, 0, 128, false, 8000, true)
             .unwrap()
             .is_none());
+    }
+
+    /// Entries are stored through the map into room reserved a chunk at a time: they reach
+    /// the file across chunk boundaries, the room past the last reservation stays a hole, and
+    /// an index reopened to take more entries reserves from where its entries end.
+    #[test]
+    fn entries_stored_through_the_map_reach_the_file_across_reservations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.index");
+        let entry = |i: u32| (u64::from(i) * 3, i * 100);
+        let index = OffsetIndex::create(&path, 0, 64 << 10).unwrap();
+        let first = 1000u32; // 8,000 bytes: past the first 4 KiB reservation
+        for i in 1..=first {
+            let (offset, position) = entry(i);
+            index.append(offset, position).unwrap();
+        }
+        assert_eq!(
+            index.inner.reserved.load(Ordering::Relaxed),
+            2 * RESERVE_CHUNK_BYTES
+        );
+        index.sync().unwrap();
+        // Another descriptor sees what the map stored.
+        let bytes = fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 64 << 10);
+        for i in 1..=first {
+            let at = (i as usize - 1) * OFFSET_ENTRY_BYTES;
+            let (offset, position) = entry(i);
+            assert_eq!(&bytes[at..at + 4], &(offset as u32).to_be_bytes());
+            assert_eq!(&bytes[at + 4..at + 8], &position.to_be_bytes());
+        }
+        assert!(bytes[first as usize * OFFSET_ENTRY_BYTES..]
+            .iter()
+            .all(|&b| b == 0));
+        index.trim().unwrap();
+        drop(index);
+
+        let index = OffsetIndex::open(&path, 0, 64 << 10, true, u32::MAX, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(index.len(), first as usize);
+        assert_eq!(
+            index.inner.reserved.load(Ordering::Relaxed),
+            first as usize * OFFSET_ENTRY_BYTES
+        );
+        let more = 2000u32;
+        for i in first + 1..=more {
+            let (offset, position) = entry(i);
+            index.append(offset, position).unwrap();
+        }
+        index.trim().unwrap();
+        index.sync().unwrap();
+        drop(index);
+        let index = OffsetIndex::open(&path, 0, 64 << 10, false, u32::MAX, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(index.len(), more as usize);
+        for i in [1, first, first + 1, more] {
+            assert_eq!(index.entry(i as usize - 1), entry(i));
+        }
     }
 
     #[test]
