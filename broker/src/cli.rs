@@ -310,6 +310,17 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         config.retention_bytes = v;
     }
     config.validate().map_err(usage_error)?;
+    // Each partition holds a few descriptors per segment: thousands of partitions need more
+    // than the soft limit many systems start with.
+    match crate::open_files::raise_open_files_limit() {
+        Ok((before, after)) => tracing::info!(
+            soft_before = before.soft,
+            soft = after.soft,
+            hard = after.hard,
+            "open files limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     let listen = config.listen;
     let broker = tokio::task::spawn_blocking(move || crate::Broker::open(config)).await??;
     let listener = tokio::net::TcpListener::bind(listen)

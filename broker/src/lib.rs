@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod group;
 pub mod group_service;
+pub mod open_files;
 pub mod partition;
 pub mod producer_ids;
 pub mod producer_state;
