@@ -770,7 +770,7 @@ impl Broker {
         let topics = self.all_topics();
         let mut first_error = self.groups.close().err();
         for topic in topics {
-            if let Err(e) = topic.close() {
+            if let Err(e) = topic.close(self.config.recovery_threads) {
                 tracing::error!(topic = topic.name(), error = %e, "closing topic failed");
                 first_error.get_or_insert(e);
             }

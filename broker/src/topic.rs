@@ -9,13 +9,18 @@
 //! to `<topic>~deleted-<nanos>` (`~` cannot appear in a topic name) before removing it, so a crash
 //! mid-way leaves nothing that looks like a topic.
 //!
+//! Partitions are opened (and recovered) and closed by up to `recovery_threads` threads at once
+//! (`on_threads`): opening and closing a partition is mostly waiting for fsyncs, which the disk
+//! serves side by side, so a topic of thousands of partitions does not wait for them one by one.
+//!
 //! Thread-safety: `Topic` is immutable after creation apart from its logs, which are themselves
 //! thread-safe; the `appended` watch wakes fetches and subscriptions waiting for data.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -178,18 +183,41 @@ impl Topic {
     fn open_partitions(config: &BrokerConfig, spec: TopicSpec, dir: PathBuf) -> Result<Topic> {
         let log_config = config.log_config(spec.retention_ms, spec.retention_bytes)?;
         let appended = Arc::new(watch::channel(0).0);
-        let partitions = (0..spec.partitions)
-            .map(|id| {
-                Partition::open(
-                    &spec.name,
-                    id,
-                    &dir.join(id.to_string()),
-                    log_config.clone(),
-                    Arc::clone(&appended),
-                )
-                .map(Arc::new)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let count = spec.partitions as usize;
+        // After the first failure the other threads stop taking partitions: the topic cannot
+        // open anyway, and what was opened is closed again when dropped.
+        let failed = AtomicBool::new(false);
+        let opened = on_threads(count, config.recovery_threads, |index| {
+            if failed.load(Ordering::Relaxed) {
+                return None;
+            }
+            let id = index as u32;
+            let partition = Partition::open(
+                &spec.name,
+                id,
+                &dir.join(id.to_string()),
+                log_config.clone(),
+                Arc::clone(&appended),
+            );
+            if partition.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            Some(partition.map(Arc::new))
+        });
+        let mut partitions = Vec::with_capacity(count);
+        let mut first_error = None;
+        for partition in opened.into_iter().flatten() {
+            match partition {
+                Ok(partition) => partitions.push(partition),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        assert!(partitions.len() == count);
         Ok(Topic {
             spec,
             dir,
@@ -243,12 +271,22 @@ impl Topic {
         self.appended.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// Closes every partition log cleanly.
-    pub(crate) fn close(&self) -> Result<()> {
-        for partition in &self.partitions {
-            partition.close()?;
-        }
-        Ok(())
+    /// Closes every partition log cleanly, on up to `threads` threads.
+    ///
+    /// # Errors
+    ///
+    /// The error of the lowest-numbered partition that failed; every partition is still tried.
+    pub(crate) fn close(&self, threads: usize) -> Result<()> {
+        on_threads(self.partitions.len(), threads, |index| {
+            let partition = &self.partitions[index];
+            let closed = partition.close();
+            if let Err(e) = &closed {
+                tracing::error!(topic = self.name(), partition = partition.id(), error = %e, "closing partition failed");
+            }
+            closed
+        })
+        .into_iter()
+        .collect()
     }
 
     /// Removes the topic's files: renames the folder out of the way, then deletes it.
@@ -266,6 +304,45 @@ impl Topic {
         sync_dir(parent)?;
         fs::remove_dir_all(&graveyard).map_err(meta)
     }
+}
+
+/// Runs `work(index)` for every index in `0..count` on up to `threads` threads (the caller's
+/// own when one is enough), and returns the results in index order. Blocking: meant for file
+/// work, each call of `work` being independent of the others.
+///
+/// # Panics
+///
+/// If `threads` is 0, or `work` panics.
+pub(crate) fn on_threads<T: Send>(
+    count: usize,
+    threads: usize,
+    work: impl Fn(usize) -> T + Sync,
+) -> Vec<T> {
+    assert!(threads > 0);
+    let threads = threads.min(count);
+    if threads <= 1 {
+        return (0..count).map(work).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<T>>> = Mutex::new((0..count).map(|_| None).collect());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= count {
+                    return;
+                }
+                let result = work(index);
+                results.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(result);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .map(|result| result.expect("every index was worked on"))
+        .collect()
 }
 
 /// Writes `bytes` to `dir/name` atomically: temp file, fsync, rename, fsync of the folder.
@@ -316,6 +393,64 @@ mod tests {
         ] {
             let err = validate_topic_name(bad).unwrap_err();
             assert!(matches!(err, BrokerError::InvalidTopicName { .. }), "{bad}");
+        }
+    }
+
+    #[test]
+    fn on_threads_works_every_index_once_in_order() {
+        for (count, threads) in [(0, 1), (1, 8), (5, 1), (100, 3), (1000, 8), (3, 64)] {
+            let calls = AtomicUsize::new(0);
+            let results = on_threads(count, threads, |index| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                index * 2
+            });
+            assert_eq!(calls.load(Ordering::Relaxed), count);
+            assert_eq!(
+                results,
+                (0..count).map(|i| i * 2).collect::<Vec<_>>(),
+                "{count} on {threads}"
+            );
+        }
+    }
+
+    /// Guards that partitions opened on several threads come back in partition order, and that
+    /// a partition that cannot be opened fails the whole topic, naming the partition.
+    #[test]
+    fn partitions_open_in_parallel_in_order_and_one_failure_fails_the_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            recovery_threads: 4,
+            ..BrokerConfig::default()
+        };
+        let spec = TopicSpec {
+            name: "jobs".into(),
+            partitions: 50,
+            retention_ms: None,
+            retention_bytes: None,
+        };
+        let topic = Topic::create(&config, spec.clone()).unwrap();
+        let ids: Vec<u32> = topic.partitions().iter().map(|p| p.id()).collect();
+        assert_eq!(ids, (0..50).collect::<Vec<_>>());
+        topic.close(config.recovery_threads).unwrap();
+        drop(topic);
+
+        let topic = Topic::open(&config, dir.path().join("jobs"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(topic.partition_count(), 50);
+        for partition in topic.partitions() {
+            assert!(partition.log().open_report().clean_shutdown);
+        }
+        drop(topic);
+
+        // Partition 37's folder replaced by a file: its log cannot open.
+        let broken = dir.path().join("jobs").join("37");
+        fs::remove_dir_all(&broken).unwrap();
+        fs::write(&broken, b"not a folder").unwrap();
+        match Topic::open(&config, dir.path().join("jobs")) {
+            Err(BrokerError::Storage { partition, .. }) => assert_eq!(partition, 37),
+            other => panic!("expected a storage error of partition 37, got {other:?}"),
         }
     }
 
