@@ -145,6 +145,8 @@ impl Log {
         };
         let checkpoint = checkpoint::read_checkpoint(&dir)?;
         let bases = list_segments(&dir, &mut report)?;
+        // A new log: no segment and no checkpoint, so nothing on disk to recover or vouch for.
+        let fresh = bases.is_empty() && checkpoint.is_none();
         let recovery_point = match (report.clean_shutdown, checkpoint) {
             (true, _) => u64::MAX,
             (false, Some(c)) => c.recovery_point,
@@ -274,8 +276,11 @@ impl Log {
             failed: AtomicBool::new(false),
             report,
         };
-        if !(log.report.clean_shutdown && !recovering) {
-            // Whatever recovery kept is made durable now, so the next recovery starts here.
+        if !(log.report.clean_shutdown && !recovering) && !fresh {
+            // Whatever recovery kept is made durable now, so the next recovery starts here. A
+            // new log has nothing to flush, and without a checkpoint the next open recovers from
+            // offset 0, which is where it ends: writing one would only cost two fsyncs per
+            // partition when a topic of thousands of partitions is created.
             log.flush()?;
         }
         assert!(log.log_start_offset() <= log.high_watermark());
