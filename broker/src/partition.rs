@@ -12,7 +12,7 @@
 //! ids never take that mutex. Lock order: producer state, then the log's own locks.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -41,6 +41,11 @@ pub struct Partition {
     /// Bytes appended since the last producer-state snapshot: maintenance writes a new one
     /// after about a segment's worth, which bounds the walk after an unclean shutdown.
     bytes_since_snapshot: Arc<AtomicU64>,
+    /// Whether the snapshot on disk may not be the state as of the log end offset (records were
+    /// appended since it was written, or it is missing, damaged or as of another offset). A
+    /// clean close writes one only then, so that closing thousands of idle partitions costs no
+    /// fsyncs for their snapshots. Only a hint: if it is wrong, the next open walks further.
+    snapshot_stale: Arc<AtomicBool>,
 }
 
 impl Partition {
@@ -79,6 +84,15 @@ impl Partition {
             ?rebuilt,
             "rebuilt producer state"
         );
+        let log_end_offset = log.log_end_offset();
+        let snapshot_stale = match rebuilt.snapshot_offset {
+            Some(offset) => offset != log_end_offset,
+            // A file that could not be used is replaced; without one, an empty log needs none
+            // (the next open has nothing to walk).
+            None => {
+                log.dir().join(SNAPSHOT_FILE).exists() || log.log_start_offset() != log_end_offset
+            }
+        };
         Ok(Partition {
             topic: topic.to_string(),
             id,
@@ -87,6 +101,7 @@ impl Partition {
             producers: Arc::new(Mutex::new(producers)),
             // A long walk now is a reason to snapshot soon.
             bytes_since_snapshot: Arc::new(AtomicU64::new(rebuilt.bytes_walked)),
+            snapshot_stale: Arc::new(AtomicBool::new(snapshot_stale)),
         })
     }
 
@@ -123,6 +138,7 @@ impl Partition {
             let appended = Arc::clone(&self.appended);
             let producers = Arc::clone(&self.producers);
             let bytes_since_snapshot = Arc::clone(&self.bytes_since_snapshot);
+            let snapshot_stale = Arc::clone(&self.snapshot_stale);
             let (topic, id) = (self.topic.clone(), self.id);
             move || {
                 let size = batches.len() as u64;
@@ -134,6 +150,7 @@ impl Partition {
                 );
                 if let Ok((_, true)) = result {
                     bytes_since_snapshot.fetch_add(size, Ordering::Relaxed);
+                    snapshot_stale.store(true, Ordering::SeqCst);
                     appended.send_modify(|n| *n = n.wrapping_add(1));
                 }
                 result.map(|(info, _)| info)
@@ -194,38 +211,53 @@ impl Partition {
     }
 
     /// Writes the producer-state snapshot as of the log end offset, if every record below it is
-    /// flushed (always after `close`). The state is encoded under its mutex so no idempotent
-    /// append slips between the state and the offset. With `FlushPolicy::Always` it then waits
-    /// for those records (outside the mutex), since some may still be waiting for their
-    /// appender's fsync: skipping instead would skip most snapshots under a steady load. Called
-    /// by maintenance, and by `close` once maintenance has stopped: one writer at a time.
+    /// flushed (always after `close`, unless the snapshot on disk is as of the log end already).
+    /// The state is encoded under its mutex so no idempotent append slips between the state and
+    /// the offset. With `FlushPolicy::Always` it then waits for those records (outside the
+    /// mutex), since some may still be waiting for their appender's fsync: skipping instead
+    /// would skip most snapshots under a steady load. Called by maintenance, and by `close` once
+    /// maintenance has stopped: one writer at a time.
     fn write_snapshot(&self, closed: bool) -> Result<bool> {
         let always = self.log.config().flush == FlushPolicy::Always;
+        let stale = || self.snapshot_stale.store(true, Ordering::SeqCst);
         let (bytes, log_end_offset) = {
             let producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+            if closed && !self.snapshot_stale.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            // Cleared before the log end offset is read, so that an append the snapshot misses
+            // marks it stale again.
+            self.snapshot_stale.store(false, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
             let log_end_offset = self.log.log_end_offset();
             if !closed && !always && self.log.recovery_point() < log_end_offset {
+                stale();
                 return Ok(false);
             }
             (producers.encode(log_end_offset), log_end_offset)
         };
         if !closed && always {
-            self.log
-                .flush_to(log_end_offset)
-                .map_err(|e| self.storage_error(e))?;
+            if let Err(e) = self.log.flush_to(log_end_offset) {
+                stale();
+                return Err(self.storage_error(e));
+            }
         }
         // A snapshot must never cover records a crash could take back.
         if self.log.recovery_point() < log_end_offset {
             assert!(!closed, "close flushes every record");
+            stale();
             return Ok(false);
         }
         self.bytes_since_snapshot.store(0, Ordering::Relaxed);
-        write_atomically(self.log.dir(), SNAPSHOT_FILE, &bytes)?;
+        if let Err(e) = write_atomically(self.log.dir(), SNAPSHOT_FILE, &bytes) {
+            stale();
+            return Err(e);
+        }
         Ok(true)
     }
 
-    /// Flushes and closes the log cleanly, then snapshots the producer state so the next open
-    /// walks no batch headers.
+    /// Flushes and closes the log cleanly, then snapshots the producer state (unless the one on
+    /// disk is current) so the next open walks no batch headers.
     pub(crate) fn close(&self) -> Result<()> {
         self.log.close().map_err(|e| self.storage_error(e))?;
         self.write_snapshot(true).map(drop)
@@ -494,6 +526,53 @@ mod tests {
             let p = open(dir.path(), &config);
             assert_eq!(p.producer_states(), after);
             drop(p);
+        }
+    }
+
+    /// Guards that a clean close writes the producer-state snapshot only when the one on disk is
+    /// not as of the log end (closing thousands of idle partitions costs no snapshot fsyncs),
+    /// and always replaces a snapshot that could not be used.
+    #[tokio::test]
+    async fn close_writes_a_snapshot_only_when_it_is_stale() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SNAPSHOT_FILE);
+        let inode = || std::fs::metadata(&path).map(|m| m.ino()).ok();
+        let config = config(FlushPolicy::Never);
+        let reopen_and_close = |appends: Vec<BytesMut>| {
+            let config = config.clone();
+            let dir = dir.path().to_path_buf();
+            async move {
+                let p = open(&dir, &config);
+                for b in appends {
+                    append(&p, &[b]).await.unwrap();
+                }
+                p.close().unwrap();
+            }
+        };
+
+        // A new, empty partition needs none: the next open has nothing to walk.
+        reopen_and_close(vec![]).await;
+        assert_eq!(inode(), None);
+        reopen_and_close(vec![batch(1, 0, 0, 2)]).await;
+        let written = inode().expect("a snapshot after appends");
+        // Reopened and closed without appends: the snapshot is as of the log end already.
+        reopen_and_close(vec![]).await;
+        assert_eq!(inode(), Some(written));
+        reopen_and_close(vec![batch(1, 0, 2, 1)]).await;
+        let rewritten = inode().unwrap();
+        assert_ne!(rewritten, written);
+        let snapshot = std::fs::read(&path).unwrap();
+        assert_eq!(ProducerStates::decode(&snapshot).unwrap().1, Offset(3));
+
+        // A snapshot that cannot be used (past the log end, or damaged) is replaced.
+        for bad in [
+            ProducerStates::default().encode(Offset(1000)),
+            snapshot[..snapshot.len() - 1].to_vec(),
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            reopen_and_close(vec![]).await;
+            assert_eq!(std::fs::read(&path).unwrap(), snapshot);
         }
     }
 
