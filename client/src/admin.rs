@@ -6,6 +6,10 @@ use octolog_proto::v1 as pb;
 use crate::error::Result;
 use crate::Client;
 
+/// Most offset queries in one `ListOffsets` request: a topic has at most 10,000 partitions by
+/// default, so one request covers it, and the request stays far below the broker's size limit.
+pub(crate) const OFFSET_QUERIES_PER_REQUEST_MAX: usize = 10_000;
+
 /// Settings of a new topic.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TopicOptions {
@@ -237,33 +241,69 @@ impl Admin {
         partition: u32,
         spec: OffsetSpec,
     ) -> Result<Offset> {
-        let position = match spec {
-            OffsetSpec::Earliest => pb::offset_query::Position::Earliest(pb::Earliest {}),
-            OffsetSpec::Latest => pb::offset_query::Position::Latest(pb::Latest {}),
-            OffsetSpec::Timestamp(t) => pb::offset_query::Position::TimestampMs(t),
-        };
-        let response = self
-            .client
-            .rpc()
-            .list_offsets(pb::ListOffsetsRequest {
-                topic: topic.to_string(),
-                queries: vec![pb::OffsetQuery {
-                    partition,
-                    position: Some(position),
-                }],
-            })
-            .await?
-            .into_inner();
-        let answer =
-            response
-                .offsets
-                .into_iter()
-                .next()
-                .ok_or_else(|| crate::ClientError::Broker {
+        let offsets = self.list_offsets(topic, &[(partition, spec)]).await?;
+        Ok(offsets[0])
+    }
+
+    /// Looks up offsets in several partitions of a topic, with one request per
+    /// `OFFSET_QUERIES_PER_REQUEST_MAX` (10,000) queries rather than one per partition. Returns
+    /// one offset per query, in order.
+    ///
+    /// # Errors
+    ///
+    /// The broker's error, e.g. unknown topic; the first query's error, e.g. unknown partition.
+    pub async fn list_offsets(
+        &self,
+        topic: &str,
+        queries: &[(u32, OffsetSpec)],
+    ) -> Result<Vec<Offset>> {
+        let mut offsets = Vec::with_capacity(queries.len());
+        for chunk in queries.chunks(OFFSET_QUERIES_PER_REQUEST_MAX) {
+            let response = self
+                .client
+                .rpc()
+                .list_offsets(pb::ListOffsetsRequest {
+                    topic: topic.to_string(),
+                    queries: chunk
+                        .iter()
+                        .map(|&(partition, spec)| pb::OffsetQuery {
+                            partition,
+                            position: Some(match spec {
+                                OffsetSpec::Earliest => {
+                                    pb::offset_query::Position::Earliest(pb::Earliest {})
+                                }
+                                OffsetSpec::Latest => {
+                                    pb::offset_query::Position::Latest(pb::Latest {})
+                                }
+                                OffsetSpec::Timestamp(t) => {
+                                    pb::offset_query::Position::TimestampMs(t)
+                                }
+                            }),
+                        })
+                        .collect(),
+                })
+                .await?
+                .into_inner();
+            if response.offsets.len() != chunk.len() {
+                return Err(crate::ClientError::Broker {
                     code: tonic::Code::Internal,
-                    message: "the broker answered a list-offsets query with nothing".into(),
-                })?;
-        crate::check_partition_error(topic, partition, answer.error_code, &answer.error_message)?;
-        Ok(Offset(answer.offset))
+                    message: format!(
+                        "the broker answered {} list-offsets queries with {} offsets",
+                        chunk.len(),
+                        response.offsets.len()
+                    ),
+                });
+            }
+            for (&(partition, _), answer) in chunk.iter().zip(response.offsets) {
+                crate::check_partition_error(
+                    topic,
+                    partition,
+                    answer.error_code,
+                    &answer.error_message,
+                )?;
+                offsets.push(Offset(answer.offset));
+            }
+        }
+        Ok(offsets)
     }
 }

@@ -321,10 +321,10 @@ impl Consumer {
     /// error if a position cannot be looked up.
     pub async fn assign(&mut self, partitions: &[u32], start: StartAt) -> Result<()> {
         self.refuse_in_group()?;
-        self.positions.clear();
-        for &p in partitions {
-            self.seek(p, start).await?;
-        }
+        // One look-up for all partitions (a topic may have thousands), and one restart.
+        let offsets = self.resolve(partitions, start).await?;
+        self.positions = partitions.iter().copied().zip(offsets).collect();
+        self.restart();
         Ok(())
     }
 
@@ -346,7 +346,7 @@ impl Consumer {
     /// `[log_start_offset, high_watermark]`.
     pub async fn seek(&mut self, partition: u32, start: StartAt) -> Result<()> {
         self.refuse_in_group()?;
-        let offset = self.resolve(partition, start).await?;
+        let offset = self.resolve(&[partition], start).await?[0];
         self.positions.insert(partition, offset);
         self.restart();
         Ok(())
@@ -362,51 +362,45 @@ impl Consumer {
         Ok(())
     }
 
-    /// The offset `start` names in `partition`.
-    async fn resolve(&self, partition: u32, start: StartAt) -> Result<Offset> {
-        if partition >= self.partition_count {
+    /// The offsets `start` names in `partitions`, in order, looked up with as few requests as
+    /// possible.
+    async fn resolve(&self, partitions: &[u32], start: StartAt) -> Result<Vec<Offset>> {
+        if let Some(&partition) = partitions.iter().find(|&&p| p >= self.partition_count) {
             return Err(ClientError::InvalidArgument(format!(
                 "topic {:?} has partitions 0..{}, not {partition}",
                 self.topic, self.partition_count
             )));
         }
         let admin = self.settings.client.admin();
-        let offset = match start {
-            StartAt::Beginning => {
-                admin
-                    .list_offset(&self.topic, partition, OffsetSpec::Earliest)
-                    .await?
-            }
-            StartAt::End => {
-                admin
-                    .list_offset(&self.topic, partition, OffsetSpec::Latest)
-                    .await?
-            }
-            StartAt::Timestamp(t) => {
-                admin
-                    .list_offset(&self.topic, partition, OffsetSpec::Timestamp(t))
-                    .await?
-            }
-            StartAt::Offset(o) => {
-                let earliest = admin
-                    .list_offset(&self.topic, partition, OffsetSpec::Earliest)
-                    .await?;
-                let latest = admin
-                    .list_offset(&self.topic, partition, OffsetSpec::Latest)
-                    .await?;
-                if o < earliest || latest < o {
-                    return Err(ClientError::OffsetOutOfRange {
-                        topic: self.topic.to_string(),
-                        partition,
-                        offset: o,
-                        log_start_offset: earliest,
-                        high_watermark: latest,
-                    });
-                }
-                o
-            }
+        let lookup = |spec: OffsetSpec| {
+            let queries: Vec<(u32, OffsetSpec)> = partitions.iter().map(|&p| (p, spec)).collect();
+            let admin = admin.clone();
+            let topic = Arc::clone(&self.topic);
+            async move { admin.list_offsets(&topic, &queries).await }
         };
-        Ok(offset)
+        match start {
+            StartAt::Beginning => lookup(OffsetSpec::Earliest).await,
+            StartAt::End => lookup(OffsetSpec::Latest).await,
+            StartAt::Timestamp(t) => lookup(OffsetSpec::Timestamp(t)).await,
+            StartAt::Offset(o) => {
+                let earliest = lookup(OffsetSpec::Earliest).await?;
+                let latest = lookup(OffsetSpec::Latest).await?;
+                for ((&partition, &earliest), &latest) in
+                    partitions.iter().zip(&earliest).zip(&latest)
+                {
+                    if o < earliest || latest < o {
+                        return Err(ClientError::OffsetOutOfRange {
+                            topic: self.topic.to_string(),
+                            partition,
+                            offset: o,
+                            log_start_offset: earliest,
+                            high_watermark: latest,
+                        });
+                    }
+                }
+                Ok(vec![o; partitions.len()])
+            }
+        }
     }
 
     /// The next offset to be handed out for `partition`, if assigned.
@@ -742,16 +736,28 @@ impl Consumer {
                         .await
                         .map_err(|_| ClientError::Closed)?;
                 }
-                let mut added = Vec::new();
-                for (p, a) in &new {
-                    if self.positions.contains_key(p) {
-                        continue;
-                    }
-                    let earliest = self.resolve(*p, StartAt::Beginning).await?;
+                let added: Vec<u32> = new
+                    .keys()
+                    .copied()
+                    .filter(|p| !self.positions.contains_key(p))
+                    .collect();
+                // Looked up together: an assignment may bring thousands of partitions.
+                let earliest = self.resolve(&added, StartAt::Beginning).await?;
+                let uncommitted: Vec<u32> = added
+                    .iter()
+                    .copied()
+                    .filter(|p| new[p].committed.is_none())
+                    .collect();
+                let mut starts = self
+                    .resolve(&uncommitted, self.settings.group_start)
+                    .await?
+                    .into_iter();
+                for (p, earliest) in added.iter().zip(earliest) {
+                    let a = &new[p];
                     let position = match a.committed {
                         // Retention may have removed what the group had not read yet.
                         Some(c) => Offset(c).max(earliest),
-                        None => self.resolve(*p, self.settings.group_start).await?,
+                        None => starts.next().expect("one start per uncommitted partition"),
                     };
                     self.positions.insert(*p, position);
                     let group = self.group.as_mut().expect("in a group");
@@ -761,7 +767,6 @@ impl Consumer {
                     group
                         .redelivered_until
                         .insert(*p, Offset(a.redelivered_until));
-                    added.push(*p);
                 }
                 let group = self.group.as_mut().expect("in a group");
                 group.epoch = epoch;
