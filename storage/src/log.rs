@@ -276,7 +276,17 @@ impl Log {
             failed: AtomicBool::new(false),
             report,
         };
-        if !(log.report.clean_shutdown && !recovering) && !fresh {
+        // Recovery found nothing past the checkpoint and cut nothing: the checkpoint on disk
+        // already vouches for every record, and flushing would only rewrite it (a temp file
+        // and two fsyncs for each idle partition, at every start after a crash).
+        let checkpoint_current = checkpoint
+            == Some(Checkpoint {
+                recovery_point: log_end_offset,
+                log_start_offset,
+            })
+            && log.report.bytes_cut == 0
+            && log.report.segments_deleted == 0;
+        if !(log.report.clean_shutdown && !recovering) && !fresh && !checkpoint_current {
             // Whatever recovery kept is made durable now, so the next recovery starts here. A
             // new log has nothing to flush, and without a checkpoint the next open recovers from
             // offset 0, which is where it ends: writing one would only cost two fsyncs per

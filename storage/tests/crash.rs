@@ -531,3 +531,40 @@ fn a_new_log_writes_no_checkpoint_and_a_crash_before_any_flush_loses_nothing() {
     // Recovery made what it kept durable, and says so.
     assert!(checkpoint.exists());
 }
+
+/// Guards that a start after a crash rewrites the checkpoint only when recovery found records
+/// past it: thousands of idle partitions then cost no temp file and fsyncs each.
+#[test]
+fn an_unclean_open_rewrites_the_checkpoint_only_when_records_follow_it() {
+    use std::os::unix::fs::MetadataExt;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("idle");
+    let checkpoint = dir.join("recovery-point.checkpoint");
+    let inode = || fs::metadata(&checkpoint).unwrap().ino();
+    let log = Log::open(&dir, config()).unwrap();
+    append_records(&log, 10, VALUE_BYTES, 1);
+    log.flush().unwrap();
+    drop(log);
+    let flushed = inode();
+
+    // Crashed with nothing after the checkpoint: it stays as it is.
+    let log = Log::open(&dir, config()).unwrap();
+    assert!(!log.open_report().clean_shutdown);
+    assert_eq!(log.log_end_offset(), Offset(10));
+    assert_eq!(log.recovery_point(), Offset(10));
+    drop(log);
+    assert_eq!(inode(), flushed);
+
+    // Crashed with records after it: recovery keeps them and vouches for them.
+    let log = Log::open(&dir, config()).unwrap();
+    append_records(&log, 5, VALUE_BYTES, 2);
+    drop(log);
+    let log = Log::open(&dir, config()).unwrap();
+    assert_eq!(log.log_end_offset(), Offset(15));
+    assert_eq!(log.recovery_point(), Offset(15));
+    assert_ne!(inode(), flushed);
+    assert_eq!(read_all(&log, 0).len(), 15);
+    drop(log);
+    let log = Log::open(&dir, config()).unwrap();
+    assert_eq!(log.recovery_point(), Offset(15));
+}
