@@ -61,9 +61,12 @@ for p in "${counts[@]}"; do
     kill "$sampler" 2>/dev/null || true
     wait "$sampler" 2>/dev/null || true
     read -r fdsmax mapsmax <"$peak_file" || { fdsmax=$fds; mapsmax=$maps; }
+    t0=$(date +%s.%N)
     kill -TERM "$pid"
     wait "$pid" || true
+    t1=$(date +%s.%N)
     echo "partitions=$p bench_exit=$status"
+    echo "  broker shutdown (SIGTERM until exit) after the run: $(echo "$t1 - $t0" | bc) s"
     echo "  broker idle before the run: fds=$fds0 maps=$maps0 rss_kib=$rss0"
     echo "  broker after the run: fds=$fds (max seen $fdsmax) maps=$maps (max seen $mapsmax) rss_kib=$rss peak_rss_kib=$hwm rss_anon_kib=$anon"
     if [ "$status" -eq 0 ]; then

@@ -45,6 +45,9 @@ stop() {
 # The first start may find the folder after a crash or a clean stop: make it clean first.
 start
 echo "first start (state as found): $secs s"
+sleep 1
+echo "  idle broker: fds=$(ls "/proc/$pid/fd" | wc -l) maps=$(wc -l <"/proc/$pid/maps")" \
+    "$(grep -E '^(VmRSS|RssAnon)' "/proc/$pid/status" | tr -s ' \t' ' ' | tr '\n' ' ')"
 stop
 echo "clean shutdown: $secs s"
 for round in $(seq 1 "$rounds"); do
