@@ -86,6 +86,10 @@ pub struct OpenReport {
 struct FlushState {
     /// When the last flush finished, for `interval-ms`.
     last_flush: Instant,
+    /// The checkpoint on disk, as read on open or last written (`None`: none, or damaged). A
+    /// checkpoint that would say the same is not written again: closing thousands of idle
+    /// partitions would otherwise cost each a temp file and two fsyncs.
+    checkpoint_on_disk: Option<Checkpoint>,
 }
 
 /// A partition log. See the module documentation.
@@ -270,27 +274,20 @@ impl Log {
             }),
             flush_state: Mutex::new(FlushState {
                 last_flush: Instant::now(),
+                checkpoint_on_disk: checkpoint,
             }),
             closed: AtomicBool::new(false),
             closed_cleanly: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             report,
         };
-        // Recovery found nothing past the checkpoint and cut nothing: the checkpoint on disk
-        // already vouches for every record, and flushing would only rewrite it (a temp file
-        // and two fsyncs for each idle partition, at every start after a crash).
-        let checkpoint_current = checkpoint
-            == Some(Checkpoint {
-                recovery_point: log_end_offset,
-                log_start_offset,
-            })
-            && log.report.bytes_cut == 0
-            && log.report.segments_deleted == 0;
-        if !(log.report.clean_shutdown && !recovering) && !fresh && !checkpoint_current {
-            // Whatever recovery kept is made durable now, so the next recovery starts here. A
-            // new log has nothing to flush, and without a checkpoint the next open recovers from
-            // offset 0, which is where it ends: writing one would only cost two fsyncs per
-            // partition when a topic of thousands of partitions is created.
+        if !(log.report.clean_shutdown && !recovering) && !fresh {
+            // Whatever recovery kept is made durable now, so the next recovery starts here
+            // (when recovery found nothing past the checkpoint, the checkpoint says so already
+            // and is not rewritten). A new log has nothing to flush, and without a checkpoint
+            // the next open recovers from offset 0, which is where it ends: writing one would
+            // only cost two fsyncs per partition when a topic of thousands of partitions is
+            // created.
             log.flush()?;
         }
         assert!(log.log_start_offset() <= log.high_watermark());
@@ -617,17 +614,24 @@ impl Log {
         }
         let flushed = self.flush_locked(&mut state);
         self.fail_on_error(flushed)?;
-        self.write_checkpoint()
+        self.write_checkpoint(&mut state)
     }
 
-    fn write_checkpoint(&self) -> Result<()> {
-        checkpoint::write_checkpoint(
-            &self.dir,
-            Checkpoint {
-                recovery_point: self.recovery_point.load(Ordering::Acquire),
-                log_start_offset: self.log_start_offset().0,
-            },
-        )
+    /// Writes the recovery-point checkpoint, unless the one on disk says the same already.
+    /// Called with the flush lock held.
+    fn write_checkpoint(&self, state: &mut FlushState) -> Result<()> {
+        let checkpoint = Checkpoint {
+            recovery_point: self.recovery_point.load(Ordering::Acquire),
+            log_start_offset: self.log_start_offset().0,
+        };
+        if state.checkpoint_on_disk == Some(checkpoint) {
+            return Ok(());
+        }
+        // Forgotten first: if the write fails half-way, what is on disk is unknown.
+        state.checkpoint_on_disk = None;
+        checkpoint::write_checkpoint(&self.dir, checkpoint)?;
+        state.checkpoint_on_disk = Some(checkpoint);
+        Ok(())
     }
 
     /// With `FlushPolicy::IntervalMs(n)`, flushes if unflushed records exist and the last flush
@@ -804,8 +808,8 @@ impl Log {
             segment.delete()?;
         }
         tracing::info!(dir = %self.dir.display(), segments = outcome.segments_deleted, bytes = outcome.bytes_deleted, log_start_offset = outcome.log_start_offset.0, "retention deleted segments");
-        let _flush = lock(&self.flush_state);
-        self.write_checkpoint()?;
+        let mut flush = lock(&self.flush_state);
+        self.write_checkpoint(&mut flush)?;
         Ok(outcome)
     }
 
@@ -895,7 +899,7 @@ impl Log {
         self.high_watermark.fetch_min(new_end, Ordering::AcqRel);
         self.recovery_point.fetch_min(new_end, Ordering::AcqRel);
         self.flush_locked(flush_state)?;
-        self.write_checkpoint()
+        self.write_checkpoint(flush_state)
     }
 
     /// Flushes everything, seals the active segment's indexes, writes the checkpoint and the
@@ -932,7 +936,7 @@ impl Log {
             Ok(())
         });
         self.fail_on_error(synced)?;
-        self.write_checkpoint()?;
+        self.write_checkpoint(&mut state)?;
         checkpoint::write_clean_shutdown_marker(&self.dir)?;
         self.closed_cleanly.store(true, Ordering::Release);
         tracing::debug!(dir = %self.dir.display(), "closed log cleanly");

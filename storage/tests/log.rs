@@ -738,3 +738,34 @@ fn read_reports_where_the_next_read_continues() {
     assert_eq!(log.read(Offset(0), 1 << 20).unwrap().next_offset, Offset(5));
     assert_eq!(log.read(Offset(5), 1 << 20).unwrap().next_offset, Offset(5));
 }
+
+/// Guards that closing a log whose checkpoint on disk is current already (reopened cleanly and
+/// nothing appended) does not write it again, and that a log with new records does.
+#[test]
+fn close_rewrites_the_checkpoint_only_when_it_changed() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("recovery-point.checkpoint");
+    let inode = || std::fs::metadata(&checkpoint).unwrap().ino();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    append_records(&log, 5, 100, 1);
+    log.close().unwrap();
+    drop(log);
+    let written = inode();
+
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    assert!(log.open_report().clean_shutdown);
+    log.close().unwrap();
+    drop(log);
+    assert_eq!(inode(), written);
+
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    append_records(&log, 1, 100, 2);
+    log.close().unwrap();
+    drop(log);
+    assert_ne!(inode(), written);
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    assert!(log.open_report().clean_shutdown);
+    assert_eq!(log.recovery_point(), Offset(6));
+    assert_eq!(read_all(&log, 0).len(), 6);
+}
