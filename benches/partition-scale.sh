@@ -4,13 +4,15 @@
 # `octolog-bench` run against it (1 producer, 1 consumer, 1 KiB records, fsync never).
 #
 # Usage: bash benches/partition-scale.sh [PARTITIONS...]   (default: 1 100 1000 10000)
-# Env: BIN (default target/release), TOTAL_BYTES (default 1GiB), KEEP_DIR=1 keeps the data
-# folder of the last run and prints its path (for the start-up measurements).
+# Env: BIN (default target/release), TOTAL_BYTES (default 1GiB), FSYNC (the broker's --fsync,
+# default never), KEEP_DIR=1 keeps the data folder of each run and prints its path (for the
+# start-up measurements).
 # Build first: cargo build --release -p octolog-bench -p octolog-broker
 set -euo pipefail
 
 BIN=${BIN:-target/release}
 TOTAL_BYTES=${TOTAL_BYTES:-1GiB}
+FSYNC=${FSYNC:-never}
 counts=("$@")
 [ ${#counts[@]} -gt 0 ] || counts=(1 100 1000 10000)
 
@@ -30,7 +32,7 @@ sample() {
 for p in "${counts[@]}"; do
     dir=$(mktemp -d /tmp/octolog-scale-XXXXXX)
     out=$(mktemp)
-    "$BIN/octolog" serve --data-dir "$dir" --listen 127.0.0.1:0 --fsync never >"$out" 2>"$out.err" &
+    "$BIN/octolog" serve --data-dir "$dir" --listen 127.0.0.1:0 --fsync "$FSYNC" >"$out" 2>"$out.err" &
     pid=$!
     for _ in $(seq 1 600); do
         grep -q 'listening on' "$out" && break
