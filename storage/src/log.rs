@@ -281,7 +281,7 @@ impl Log {
             failed: AtomicBool::new(false),
             report,
         };
-        if !(log.report.clean_shutdown && !recovering) && !fresh {
+        if (!log.report.clean_shutdown || recovering) && !fresh {
             // Whatever recovery kept is made durable now, so the next recovery starts here
             // (when recovery found nothing past the checkpoint, the checkpoint says so already
             // and is not rewritten). A new log has nothing to flush, and without a checkpoint
