@@ -310,9 +310,13 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         config.retention_bytes = v;
     }
     config.validate().map_err(usage_error)?;
-    // Each partition holds a few descriptors per segment: thousands of partitions need more
-    // than the soft limit many systems start with.
-    match crate::open_files::raise_open_files_limit() {
+    // Each partition holds a descriptor per segment: thousands of partitions need more than
+    // the soft limit many systems start with.
+    let open_files = crate::open_files::raise_open_files_limit();
+    let listen = config.listen;
+    let broker = tokio::task::spawn_blocking(move || crate::Broker::open(config)).await??;
+    // Said once the broker is open, so that a start that fails prints its one error line only.
+    match open_files {
         Ok((before, after)) => tracing::info!(
             soft_before = before.soft,
             soft = after.soft,
@@ -321,8 +325,6 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         ),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
     }
-    let listen = config.listen;
-    let broker = tokio::task::spawn_blocking(move || crate::Broker::open(config)).await??;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
