@@ -683,3 +683,96 @@ async fn a_records_format_subscription_delivers_each_record_once() {
     .await;
     assert_eq!(offsets, [1, 2, 3, 4]);
 }
+
+/// Guards the bulk look-up of start offsets (`Admin::list_offsets`, used by `Consumer::assign`
+/// for all partitions at once): every partition gets its own answer in query order, an offset
+/// outside a partition's range fails the whole assignment naming that partition, and a failed
+/// assignment leaves the previous one in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assign_looks_up_every_partition_at_once_and_all_or_nothing() {
+    const PARTITIONS: u32 = 40;
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    create(&client, "bulk-assign", PARTITIONS).await;
+    // Partition p holds p records.
+    let records: Vec<ProducerRecord> = (0..PARTITIONS)
+        .flat_map(|p| {
+            (0..p).map(move |i| ProducerRecord::new("bulk-assign", format!("{p}-{i}")).partition(p))
+        })
+        .collect();
+    send_all(&client, 1 << 20, records).await;
+
+    let queries: Vec<(u32, OffsetSpec)> = (0..PARTITIONS)
+        .rev()
+        .flat_map(|p| [(p, OffsetSpec::Latest), (p, OffsetSpec::Earliest)])
+        .collect();
+    let offsets = client
+        .admin()
+        .list_offsets("bulk-assign", &queries)
+        .await
+        .unwrap();
+    let expected: Vec<Offset> = (0..PARTITIONS)
+        .rev()
+        .flat_map(|p| [Offset(u64::from(p)), Offset(0)])
+        .collect();
+    assert_eq!(offsets, expected);
+    let unknown = client
+        .admin()
+        .list_offsets(
+            "bulk-assign",
+            &[(0, OffsetSpec::Latest), (PARTITIONS, OffsetSpec::Latest)],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        unknown.to_string().contains(&PARTITIONS.to_string()),
+        "{unknown}"
+    );
+
+    let all: Vec<u32> = (0..PARTITIONS).collect();
+    let mut consumer = client.consumer("bulk-assign").build().await.unwrap();
+    consumer.assign(&all, StartAt::End).await.unwrap();
+    for p in 0..PARTITIONS {
+        assert_eq!(
+            consumer.position(p),
+            Some(Offset(u64::from(p))),
+            "partition {p}"
+        );
+    }
+    // Offset 5 is past the end of partitions 0..5: refused, naming partition 0, and the
+    // assignment stays as it was.
+    let refused = consumer
+        .assign(&all, StartAt::Offset(Offset(5)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            octolog_client::ClientError::OffsetOutOfRange { partition: 0, .. }
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(consumer.assignment(), all);
+    assert_eq!(consumer.position(7), Some(Offset(7)));
+
+    // From offset 5 in the partitions that have that many records: exactly their suffixes.
+    let long: Vec<u32> = (5..PARTITIONS).collect();
+    consumer
+        .assign(&long, StartAt::Offset(Offset(5)))
+        .await
+        .unwrap();
+    assert_eq!(consumer.assignment(), long);
+    let expected: usize = (5..PARTITIONS).map(|p| p as usize - 5).sum();
+    let mut received = 0;
+    while received < expected {
+        for record in within("suffixes", consumer.poll()).await.unwrap() {
+            assert!(record.offset() >= Offset(5));
+            assert_eq!(
+                value_text(&record),
+                format!("{}-{}", record.partition(), record.offset().0)
+            );
+            received += 1;
+        }
+    }
+    assert_eq!(received, expected);
+}
