@@ -102,6 +102,10 @@ pub struct Log {
     /// The segments in base-offset order; the last is the active one. Replaced whole on roll,
     /// retention and truncation so readers can keep an old list.
     segments: RwLock<Arc<Vec<Arc<Segment>>>>,
+    /// The first segment's base offset, stored whenever the segment list is replaced, so that
+    /// reading it takes no lock and writes no shared counter: a fetch of thousands of
+    /// partitions asks every one of them.
+    log_start_offset: AtomicU64,
     /// Serialises appends and structural changes. Held without I/O on the read path.
     writer: Mutex<()>,
     /// Readers see records below this. Equals `log_end_offset` except with `FlushPolicy::Always`,
@@ -260,6 +264,7 @@ impl Log {
             dir,
             config,
             segments: RwLock::new(Arc::new(segments)),
+            log_start_offset: AtomicU64::new(log_start_offset),
             writer: Mutex::new(()),
             high_watermark: AtomicU64::new(log_end_offset),
             log_end_offset: AtomicU64::new(log_end_offset),
@@ -313,7 +318,7 @@ impl Log {
 
     /// The oldest offset still held.
     pub fn log_start_offset(&self) -> Offset {
-        Offset(self.segments()[0].base_offset())
+        Offset(self.log_start_offset.load(Ordering::Acquire))
     }
 
     /// The next offset to be assigned.
@@ -374,7 +379,13 @@ impl Log {
 
     fn replace_segments(&self, segments: Vec<Arc<Segment>>) {
         assert!(!segments.is_empty());
-        *self.segments.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(segments);
+        let log_start_offset = segments[0].base_offset();
+        let mut list = self.segments.write().unwrap_or_else(|e| e.into_inner());
+        *list = Arc::new(segments);
+        // Under the list's lock, so the two never disagree for long; readers of either are
+        // racy snapshots anyway.
+        self.log_start_offset
+            .store(log_start_offset, Ordering::Release);
     }
 
     /// Appends whole v2 record batches, back to back in `batches`, and gives them the next
