@@ -1,9 +1,8 @@
 //! The process's limit of open file descriptors (`RLIMIT_NOFILE`).
 //!
-//! Every partition keeps its segments' files open (the `.log` and, for now, the two index
-//! files: three descriptors per segment), so a broker with thousands of partitions needs
-//! thousands of descriptors, well past the soft limit many systems start processes with (often
-//! 1,024). As Kafka's documentation advises operators, `octolog serve` raises its soft limit to
+//! Every partition keeps one descriptor per segment open (its `.log`; the index files are
+//! mapped and keep none), so a broker with thousands of partitions needs thousands of
+//! descriptors, well past the soft limit many systems start processes with (often 1,024). As Kafka's documentation advises operators, `octolog serve` raises its soft limit to
 //! the hard limit when it starts; raising the hard limit is the operator's business
 //! (`ulimit -Hn`, `LimitNOFILE=` in a systemd unit).
 //!
