@@ -456,10 +456,7 @@ fn flush_always_appends_from_threads_return_durable_and_dense() {
 #[test]
 fn append_unflushed_is_invisible_with_flush_always_until_flush_to() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig {
-        flush: FlushPolicy::Always,
-        ..small_config()
-    };
+    let config = small_config_always();
     let log = Log::open(dir.path(), config.clone()).unwrap();
     let a = log
         .append_unflushed(&mut batch(&[b"a".to_vec()], 0))
@@ -495,10 +492,7 @@ fn append_unflushed_is_invisible_with_flush_always_until_flush_to() {
 #[test]
 fn flush_to_below_the_recovery_point_is_a_no_op() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig {
-        flush: FlushPolicy::Always,
-        ..small_config()
-    };
+    let config = small_config_always();
     let log = Log::open(dir.path(), config).unwrap();
     let a = log.append(&mut batch(&[b"a".to_vec()], 0)).unwrap();
     let b = log
@@ -536,10 +530,7 @@ fn append_unflushed_with_flush_never_is_visible_and_flush_to_makes_it_durable() 
 #[test]
 fn flush_to_past_the_log_end_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig {
-        flush: FlushPolicy::Always,
-        ..small_config()
-    };
+    let config = small_config_always();
     let log = Log::open(dir.path(), config).unwrap();
     log.append(&mut batch(&[b"a".to_vec()], 0)).unwrap();
     let cut = log
@@ -566,10 +557,7 @@ fn flush_to_past_the_log_end_is_an_error() {
 #[test]
 fn concurrent_append_unflushed_and_flush_to_end_durable() {
     let dir = tempfile::tempdir().unwrap();
-    let config = LogConfig {
-        flush: FlushPolicy::Always,
-        ..small_config()
-    };
+    let config = small_config_always();
     let log = Arc::new(Log::open(dir.path(), config.clone()).unwrap());
     let threads: Vec<_> = (0..4)
         .map(|t| {
@@ -768,4 +756,12 @@ fn close_rewrites_the_checkpoint_only_when_it_changed() {
     assert!(log.open_report().clean_shutdown);
     assert_eq!(log.recovery_point(), Offset(6));
     assert_eq!(read_all(&log, 0).len(), 6);
+}
+
+/// `small_config` with `FlushPolicy::Always`: the setup of the split append/flush tests.
+fn small_config_always() -> LogConfig {
+    LogConfig {
+        flush: FlushPolicy::Always,
+        ..small_config()
+    }
 }
