@@ -74,6 +74,12 @@ pub struct Args {
     /// Topic to create. Default: bench-<pid>-<nanos>.
     #[arg(long, value_name = "NAME")]
     pub topic: Option<String>,
+    /// Produce first and consume afterwards: the consumers start once every record is
+    /// acknowledged and read the whole topic from the beginning, so produce throughput and
+    /// consume (replay) throughput are each measured with the machine to themselves, as Kafka's
+    /// producer and consumer performance tools do. End-to-end latency is then not measured.
+    #[arg(long)]
+    pub replay: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -110,6 +116,8 @@ pub struct Plan {
     pub linger: Duration,
     /// Topic name.
     pub topic: String,
+    /// Consumers start only after every record is acknowledged (`--replay`).
+    pub replay: bool,
     /// JSON output.
     pub json: bool,
 }
@@ -253,6 +261,7 @@ impl Args {
             rate_bytes_per_s,
             linger: Duration::from_millis(self.linger_ms),
             topic,
+            replay: self.replay,
             json: self.json,
         })
     }
@@ -308,6 +317,8 @@ mod tests {
         assert_eq!(p.rate_bytes_per_s, None);
         assert_eq!(p.linger, Duration::from_millis(5));
         assert_eq!(p.group, None);
+        assert!(!p.replay);
+        assert!(plan(&["--replay"]).unwrap().replay);
     }
 
     #[test]

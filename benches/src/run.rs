@@ -1,5 +1,7 @@
 //! One end-to-end run: start (or reach) a broker, create a fresh topic, produce and consume
-//! concurrently, and measure throughput and end-to-end latency.
+//! concurrently, and measure throughput and end-to-end latency. With `--replay` the consumers
+//! start only once every record is acknowledged and read the topic from the beginning, so each
+//! side's throughput is measured with the machine to itself, and there is no latency figure.
 //!
 //! Record values: the first 8 bytes are the send time in nanoseconds since the Unix epoch, the
 //! next 8 the record's index in its producer's sequence (both little-endian u64); the rest is
@@ -98,8 +100,12 @@ pub struct Report {
     pub linger_ms: u64,
     /// Seconds from the start until every record was acknowledged.
     pub produce_secs: f64,
-    /// Seconds from the start until the last record was received.
+    /// Seconds from the start until the last record was received; with `replay`, from the
+    /// consumers' start (once every record was acknowledged).
     pub consume_secs: f64,
+    /// Consumers started only after every record was acknowledged (`--replay`): no end-to-end
+    /// latency was measured, and the latency fields are empty.
+    pub replay: bool,
     /// Leading records per producer left out of the latency figures.
     pub warmup_records_per_producer: u64,
     /// Latencies recorded.
@@ -171,7 +177,19 @@ impl Report {
             "linger_ms": self.linger_ms,
             "produce_secs": round(self.produce_secs),
             "consume_secs": round(self.consume_secs),
+            "replay": self.replay,
         });
+        if self.replay {
+            // Not measured: a replayed record's age says nothing about the broker's latency.
+            for key in [
+                "latency_p50_us",
+                "latency_p99_us",
+                "latency_p999_us",
+                "latency_max_us",
+            ] {
+                json[key] = serde_json::Value::Null;
+            }
+        }
         if let Some(m) = &self.memory {
             let mb = |bytes: u64| round(bytes as f64 / 1e6);
             json["rss_anon_start_mb"] = mb(m.start.anon_bytes).into();
@@ -221,14 +239,36 @@ impl Report {
             None => format!("{} consumer(s)", self.consumers),
             Some(group) => format!("{} consumer(s) in group {group}", self.consumers),
         };
+        let (consumers, consume_from, latency) = if self.replay {
+            (
+                format!("{consumers} started after the last acknowledgement (replay)"),
+                "from the consumers' start until all received",
+                "latency: not measured (--replay: records are read long after they were sent)"
+                    .to_string(),
+            )
+        } else {
+            (
+                consumers,
+                "until all received",
+                format!(
+                    "latency (end to end, send to receive, first {warmup} records of each producer \
+                     excluded, {samples} samples): p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us",
+                    warmup = self.warmup_records_per_producer,
+                    samples = self.latency_samples,
+                    p50 = self.latency_p50_us,
+                    p99 = self.latency_p99_us,
+                    p999 = self.latency_p999_us,
+                    max = self.latency_max_us,
+                ),
+            )
+        };
         format!(
             "octolog-bench: {records} records of {message} bytes ({mb:.1} MB; MB = 10^6 bytes), \
              {partitions} partitions, {producers} producer(s) (linger {linger} ms), {consumers}, {rate}\n\
              broker: {broker}; fsync: {fsync}\n\
              produce: {pmb:.1} MB/s, {prec:.0} records/s ({psecs:.2} s until all acknowledged)\n\
-             consume: {cmb:.1} MB/s, {crec:.0} records/s ({csecs:.2} s until all received)\n\
-             latency (end to end, send to receive, first {warmup} records of each producer \
-             excluded, {samples} samples): p50 {p50} us, p99 {p99} us, p99.9 {p999} us, max {max} us{memory}{group}",
+             consume: {cmb:.1} MB/s, {crec:.0} records/s ({csecs:.2} s {consume_from})\n\
+             {latency}{memory}{group}",
             records = self.records,
             message = self.message_bytes,
             mb = self.bytes as f64 / 1e6,
@@ -243,12 +283,6 @@ impl Report {
             cmb = self.consume_mb_s(),
             crec = self.consume_records_s(),
             csecs = self.consume_secs,
-            warmup = self.warmup_records_per_producer,
-            samples = self.latency_samples,
-            p50 = self.latency_p50_us,
-            p99 = self.latency_p99_us,
-            p999 = self.latency_p999_us,
-            max = self.latency_max_us,
         )
     }
 }
@@ -418,28 +452,35 @@ async fn measure(
     let received = Arc::new(Mutex::new(Received::new(plan.partitions, plan.records)));
     let start = Instant::now();
     let start_ns = now_ns();
+    let spawn_consumers = |start_ns: u64| -> Vec<JoinHandle<Result<Histogram<u64>, BenchError>>> {
+        (0..plan.consumers)
+            .map(|index| {
+                let share = match &plan.group {
+                    Some(group) => Share::Group(group.clone()),
+                    None => Share::Fixed(
+                        (0..plan.partitions)
+                            .filter(|p| *p as usize % plan.consumers == index)
+                            .collect(),
+                    ),
+                };
+                tokio::spawn(consume(
+                    client.clone(),
+                    Arc::clone(&plan),
+                    index,
+                    share,
+                    Arc::clone(&counters),
+                    Arc::clone(&received),
+                    start_ns,
+                ))
+            })
+            .collect()
+    };
 
-    let consumers: Vec<_> = (0..plan.consumers)
-        .map(|index| {
-            let share = match &plan.group {
-                Some(group) => Share::Group(group.clone()),
-                None => Share::Fixed(
-                    (0..plan.partitions)
-                        .filter(|p| *p as usize % plan.consumers == index)
-                        .collect(),
-                ),
-            };
-            tokio::spawn(consume(
-                client.clone(),
-                Arc::clone(&plan),
-                index,
-                share,
-                Arc::clone(&counters),
-                Arc::clone(&received),
-                start_ns,
-            ))
-        })
-        .collect();
+    let mut consumers = if plan.replay {
+        Vec::new()
+    } else {
+        spawn_consumers(start_ns)
+    };
     let producers: Vec<_> = (0..plan.producers)
         .map(|index| {
             tokio::spawn(produce(
@@ -465,6 +506,11 @@ async fn measure(
         }
     }
     let produce_secs = start.elapsed().as_secs_f64();
+    if plan.replay && first_error.is_none() {
+        // The consumers start now; their `last_consumed_ns`, and so consume time, count from
+        // here.
+        consumers = spawn_consumers(now_ns());
+    }
     let mut histogram = new_histogram();
     for handle in consumers {
         match handle.await {
@@ -519,6 +565,7 @@ async fn measure(
         linger_ms: plan.linger.as_millis() as u64,
         produce_secs,
         consume_secs,
+        replay: plan.replay,
         warmup_records_per_producer: plan.warmup_records_per_producer,
         latency_samples: histogram.len(),
         latency_p50_us: histogram.value_at_quantile(0.5),
@@ -729,7 +776,7 @@ async fn receive(
             };
             let sent_ns = field(0);
             let seq = field(8);
-            if seq >= plan.warmup_records_per_producer {
+            if !plan.replay && seq >= plan.warmup_records_per_producer {
                 histogram.saturating_record(received_ns.saturating_sub(sent_ns) / 1000);
             }
         }
@@ -829,6 +876,7 @@ mod tests {
             linger_ms: 5,
             produce_secs: 0.5,
             consume_secs: 1.0,
+            replay: false,
             warmup_records_per_producer: 100,
             latency_samples: 900,
             latency_p50_us: 10,
@@ -881,5 +929,26 @@ mod tests {
         assert!(report
             .to_text()
             .contains("anon RSS 10 MB at start, peak 40 MB, 25 MB at end"));
+        assert_eq!(json["replay"], false);
+
+        // A replay measures no end-to-end latency: the keys stay, empty, and the text says so.
+        let report = Report {
+            replay: true,
+            ..report
+        };
+        let json = report.to_json();
+        assert_eq!(json["replay"], true);
+        for key in [
+            "latency_p50_us",
+            "latency_p99_us",
+            "latency_p999_us",
+            "latency_max_us",
+        ] {
+            assert!(json[key].is_null(), "{key} in {json}");
+        }
+        assert_eq!(json["consume_mb_s"].as_f64(), Some(1.024));
+        let text = report.to_text();
+        assert!(text.contains("latency: not measured"), "{text}");
+        assert!(!text.contains("p99.9"), "{text}");
     }
 }

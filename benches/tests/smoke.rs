@@ -59,6 +59,41 @@ fn json_run_reports_every_key_and_all_records() {
     }
 }
 
+/// Guards `--replay`: consumers start only once every record is acknowledged, still receive
+/// every record, and no end-to-end latency is reported.
+#[test]
+fn replay_run_consumes_after_producing() {
+    let total_bytes = 2_000_000u64;
+    let message_bytes = 1024u64;
+    let output = Command::new(BIN)
+        .args([
+            "--total-bytes",
+            &total_bytes.to_string(),
+            "--partitions",
+            "4",
+            "--consumers",
+            "2",
+            "--replay",
+            "--json",
+        ])
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert_eq!(json["replay"], true, "{json}");
+    assert_eq!(json["records"].as_u64(), Some(total_bytes / message_bytes));
+    for key in ["produce_mb_s", "consume_mb_s"] {
+        let value = json[key].as_f64().unwrap_or(0.0);
+        assert!(value > 0.0, "{key} = {value} in {json}");
+    }
+    assert!(json["latency_p99_us"].is_null(), "{json}");
+}
+
 /// Guards `--group` (issue 5): two consumers sharing the topic through a consumer group receive
 /// every record exactly once between them, and the duplicate and redelivery counts are reported.
 #[test]
