@@ -343,7 +343,8 @@ struct OpenBatch {
 /// A closed batch waiting for or in a request.
 #[derive(Debug)]
 struct ReadyBatch {
-    bytes: BytesMut,
+    /// The batch, frozen so that a request carrying it alone sends it without a copy.
+    bytes: Bytes,
     ack: Arc<BatchAck>,
     reserved_bytes: usize,
     /// Whether the producer id, epoch and sequence are written into `bytes` (idempotent, once
@@ -488,12 +489,17 @@ impl Shared {
             let records = octolog_batch::BatchHeader::parse(&batch.bytes)
                 .expect("the producer built this batch")
                 .record_count;
+            // Unique (never sent, or its request dropped) in practice, so this does not copy.
+            let mut bytes = std::mem::take(&mut batch.bytes)
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
             octolog_batch::set_producer(
-                &mut batch.bytes,
+                &mut bytes,
                 identity.producer_id,
                 identity.epoch,
                 queue.next_sequence,
             );
+            batch.bytes = bytes.freeze();
             batch.stamped = true;
             queue.next_sequence = sequence_after(queue.next_sequence, records as u32);
         }
@@ -717,7 +723,7 @@ fn now_ms() -> i64 {
 fn close_open_batch(queue: &mut PartitionQueue) {
     if let Some(mut open) = queue.open.take() {
         queue.ready.push_back(ReadyBatch {
-            bytes: open.builder.finish(),
+            bytes: open.builder.finish().freeze(),
             ack: open.ack,
             reserved_bytes: open.reserved_bytes,
             stamped: false,
@@ -821,17 +827,22 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
     let outcome: Result<u64> = loop {
         let attempt = async {
             if shared.idempotent && !batches[0].stamped {
-                generation = Some(shared.stamp(&topic, partition, &mut batches).await?);
+                // Dropped first, so that stamping finds the batches' bytes unshared.
                 payload = None;
+                generation = Some(shared.stamp(&topic, partition, &mut batches).await?);
             }
             let body = payload
-                .get_or_insert_with(|| {
-                    let mut body =
-                        BytesMut::with_capacity(batches.iter().map(|b| b.bytes.len()).sum());
-                    for batch in &batches {
-                        body.extend_from_slice(&batch.bytes);
+                .get_or_insert_with(|| match batches.as_slice() {
+                    // The common case under load and at low latency: no copy of the batch.
+                    [only] => only.bytes.clone(),
+                    _ => {
+                        let mut body =
+                            BytesMut::with_capacity(batches.iter().map(|b| b.bytes.len()).sum());
+                        for batch in &batches {
+                            body.extend_from_slice(&batch.bytes);
+                        }
+                        body.freeze()
                     }
-                    body.freeze()
                 })
                 .clone();
             let request = pb::ProduceBatchesRequest {
