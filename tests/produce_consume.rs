@@ -572,6 +572,35 @@ async fn check_waiting_consumer_is_woken(push: bool) {
     assert_eq!(second.await.expect("acknowledged").offset(), Offset(2));
 }
 
+/// Guards `poll`'s contract for both kinds of consumer: at the end of an idle log it returns
+/// empty once `max_wait` has passed, rather than waiting for the next append (a pushed consumer
+/// used to wait forever, which hung `octolog-bench --push` once every record had arrived).
+async fn check_idle_poll_returns_empty(push: bool) {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    create(&client, "idle", 1).await;
+    let mut consumer = client
+        .consumer("idle")
+        .push(push)
+        .max_wait(Duration::from_millis(50))
+        .build()
+        .await
+        .expect("consumer");
+    consumer.assign_all(StartAt::End).await.expect("assign");
+    for _ in 0..2 {
+        let records = within("an empty poll", consumer.poll())
+            .await
+            .expect("poll");
+        assert!(records.is_empty(), "push {push}: {records:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_poll_returns_empty_after_max_wait() {
+    check_idle_poll_returns_empty(false).await;
+    check_idle_poll_returns_empty(true).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_polling_consumer_receives_a_record_appended_later() {
     check_waiting_consumer_is_woken(false).await;

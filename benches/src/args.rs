@@ -74,6 +74,10 @@ pub struct Args {
     /// Topic to create. Default: bench-<pid>-<nanos>.
     #[arg(long, value_name = "NAME")]
     pub topic: Option<String>,
+    /// Consumers receive records pushed by the broker over a `Subscribe` stream instead of
+    /// long-polling fetches (the consumer's `push`; not with --group, whose members fetch).
+    #[arg(long)]
+    pub push: bool,
     /// Produce first and consume afterwards: the consumers start once every record is
     /// acknowledged and read the whole topic from the beginning, so produce throughput and
     /// consume (replay) throughput are each measured with the machine to themselves, as Kafka's
@@ -116,6 +120,8 @@ pub struct Plan {
     pub linger: Duration,
     /// Topic name.
     pub topic: String,
+    /// Consumers are pushed records instead of fetching them (`--push`).
+    pub push: bool,
     /// Consumers start only after every record is acknowledged (`--replay`).
     pub replay: bool,
     /// JSON output.
@@ -181,6 +187,12 @@ impl Args {
             })?;
             if self.consumers == 0 {
                 return Err("--group needs at least one consumer (--consumers 1 or more)".into());
+            }
+            if self.push {
+                return Err(
+                    "--push cannot be combined with --group: group members fetch their records"
+                        .into(),
+                );
             }
         }
         if self.consumers == 0 || self.consumers > TASKS_MAX {
@@ -261,6 +273,7 @@ impl Args {
             rate_bytes_per_s,
             linger: Duration::from_millis(self.linger_ms),
             topic,
+            push: self.push,
             replay: self.replay,
             json: self.json,
         })
@@ -319,6 +332,8 @@ mod tests {
         assert_eq!(p.group, None);
         assert!(!p.replay);
         assert!(plan(&["--replay"]).unwrap().replay);
+        assert!(!p.push);
+        assert!(plan(&["--push"]).unwrap().push);
     }
 
     #[test]
@@ -359,6 +374,7 @@ mod tests {
             &["--group", "no spaces"],
             &["--group", "g", "--consumers", "0"],
             &["--group", "g", "--consumers", "9", "--partitions", "8"],
+            &["--group", "g", "--push"],
         ];
         for args in bad {
             assert!(plan(args).is_err(), "{args:?} was accepted");

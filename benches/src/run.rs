@@ -103,6 +103,8 @@ pub struct Report {
     /// Seconds from the start until the last record was received; with `replay`, from the
     /// consumers' start (once every record was acknowledged).
     pub consume_secs: f64,
+    /// Consumers were pushed records (`Subscribe`) instead of fetching them.
+    pub push: bool,
     /// Consumers started only after every record was acknowledged (`--replay`): no end-to-end
     /// latency was measured, and the latency fields are empty.
     pub replay: bool,
@@ -177,6 +179,7 @@ impl Report {
             "linger_ms": self.linger_ms,
             "produce_secs": round(self.produce_secs),
             "consume_secs": round(self.consume_secs),
+            "push": self.push,
             "replay": self.replay,
         });
         if self.replay {
@@ -236,6 +239,7 @@ impl Report {
             ),
         };
         let consumers = match &self.group {
+            None if self.push => format!("{} consumer(s) (pushed)", self.consumers),
             None => format!("{} consumer(s)", self.consumers),
             Some(group) => format!("{} consumer(s) in group {group}", self.consumers),
         };
@@ -565,6 +569,7 @@ async fn measure(
         linger_ms: plan.linger.as_millis() as u64,
         produce_secs,
         consume_secs,
+        push: plan.push,
         replay: plan.replay,
         warmup_records_per_producer: plan.warmup_records_per_producer,
         latency_samples: histogram.len(),
@@ -676,6 +681,7 @@ async fn consume(
     let mut consumer = client
         .consumer(plan.topic.as_str())
         .max_wait(CONSUMER_MAX_WAIT)
+        .push(plan.push)
         .group_start(StartAt::Beginning)
         .auto_commit(Some(GROUP_AUTO_COMMIT))
         .client_id(format!("octolog-bench-{}-{index}", std::process::id()))
@@ -876,6 +882,7 @@ mod tests {
             linger_ms: 5,
             produce_secs: 0.5,
             consume_secs: 1.0,
+            push: false,
             replay: false,
             warmup_records_per_producer: 100,
             latency_samples: 900,

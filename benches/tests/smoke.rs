@@ -94,6 +94,36 @@ fn replay_run_consumes_after_producing() {
     assert!(json["latency_p99_us"].is_null(), "{json}");
 }
 
+/// Guards `--push`: consumers fed by `Subscribe` streams receive every record, with latency.
+#[test]
+fn push_run_receives_every_record() {
+    let total_bytes = 2_000_000u64;
+    let message_bytes = 1024u64;
+    let output = Command::new(BIN)
+        .args([
+            "--total-bytes",
+            &total_bytes.to_string(),
+            "--partitions",
+            "4",
+            "--consumers",
+            "2",
+            "--push",
+            "--json",
+        ])
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    assert_eq!(json["push"], true, "{json}");
+    assert_eq!(json["records"].as_u64(), Some(total_bytes / message_bytes));
+    assert!(json["latency_p50_us"].as_u64().unwrap_or(0) > 0, "{json}");
+}
+
 /// Guards `--group` (issue 5): two consumers sharing the topic through a consumer group receive
 /// every record exactly once between them, and the duplicate and redelivery counts are reported.
 #[test]

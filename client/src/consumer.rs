@@ -494,6 +494,14 @@ impl Consumer {
         }
         let fetcher = self.fetcher.as_mut().expect("just started");
         let answer = match self.group.as_mut() {
+            // A subscription answers only when there are records: `max_wait` bounds the wait,
+            // as a fetch's does at the broker, so `poll` returns (empty) now and then.
+            None if self.settings.push => {
+                match tokio::time::timeout(self.settings.max_wait, fetcher.answers.recv()).await {
+                    Ok(answer) => answer,
+                    Err(_) => return Ok(0),
+                }
+            }
             None => fetcher.answers.recv().await,
             Some(group) => tokio::select! {
                 answer = fetcher.answers.recv() => answer,
