@@ -1,34 +1,74 @@
 //! One segment of a partition log: a `.log` file of whole v2 record batches, back to back, with
 //! its sparse `.index` and its `.timeindex` (format in `index.rs` and `storage/FORMAT.md`).
 //!
-//! The `.log` file holds exactly `size` bytes of valid batches; it is never pre-allocated, so its
-//! length on disk is where its data ends. It is written with positional writes (`pwrite`) at
-//! `size`, and read through a read-only shared memory map of `capacity` bytes made once when the
-//! segment is created or opened. A reader only ever forms slices below the `size` it loaded, and
-//! bytes below `size` never change: the file is never shrunk below `size` while the segment is in
-//! use (`Log::truncate_to` writes a new file instead). So a slice handed out stays valid and
-//! unchanged for as long as its holder keeps it, even after the segment is deleted by retention:
-//! the map is reference-counted and an unlinked file stays mapped.
+//! The `.log` file's first `size` bytes are valid batches. The file of a sealed segment, and of
+//! every segment after a clean close, ends where its data ends. The active segment's file is
+//! longer: room ahead of `size` is reserved with `fallocate` (or, where the file system lacks
+//! it, by writing zeros) in chunks that grow from `RESERVE_FIRST_BYTES` to `RESERVE_MAX_BYTES`,
+//! and reads as zeros. Sealing cuts that zero tail off, and recovery after a crash trims it
+//! quietly: a batch is never all zeros, so zeros past the last valid batch are reserved room,
+//! not data.
+//!
+//! The file is mapped once, `capacity` bytes, when the segment is created or opened: shared and
+//! writable for the active segment, read-only for a sealed one (sealing makes an active
+//! segment's map read-only too). An append copies its batches into the map at `size`, only
+//! into reserved room: on a full disk the reservation fails with an error before any byte is
+//! copied, instead of a store raising SIGBUS. About `POPULATE_AHEAD_BYTES` of reserved room
+//! ahead of `size` is pre-faulted with `madvise(MADV_POPULATE_WRITE)`, so that the copy does not
+//! take a page fault per page (this is what lets small appends beat `pwrite`). `fdatasync` of
+//! the descriptor writes back the pages dirtied through the map, so durability works as with
+//! `pwrite`.
+//!
+//! A reader only ever forms slices below the `size` it loaded, and bytes below `size` never
+//! change: the writer stores only at or past `size`, and the file is never shrunk below `size`
+//! while the segment is in use (`Log::truncate_to` writes a new file instead). So a slice handed
+//! out stays valid and unchanged for as long as its holder keeps it, even after the segment is
+//! deleted by retention: the map is reference-counted and an unlinked file stays mapped.
 //!
 //! Thread-safety: `Segment` is `Sync`. Appends, sealing and rebuilding come from the log's single
 //! writer; reads come from any thread at any time and take no lock.
 
 use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
 use octolog_batch::{BatchHeader, Compression};
 
-use crate::config::LogConfig;
+use crate::config::{FlushPolicy, LogConfig};
 use crate::error::{io_err, Result, StorageError};
 use crate::index::{remove_if_exists, OffsetIndex, TimeIndex};
 
 /// Marks "no record yet" in `max_timestamp`.
 const NO_TIMESTAMP: i64 = i64::MIN;
+
+/// Room the first reservation of an active segment's `.log` adds past its data. Each later
+/// reservation adds twice as much as the one before, up to `RESERVE_MAX_BYTES`: a partition that
+/// takes a few records costs 64 KiB of disk until its segment is sealed, and a busy one
+/// reserves (one `fallocate`) once per 8 MiB. Reservations end on a multiple of this.
+const RESERVE_FIRST_BYTES: usize = 64 << 10;
+/// The most one reservation adds: the largest zero tail a crash can leave (plus one append).
+const RESERVE_MAX_BYTES: usize = 8 << 20;
+/// Reserved room ahead of the write position that appends keep pre-faulted with
+/// `MADV_POPULATE_WRITE`.
+const POPULATE_AHEAD_BYTES: usize = 1 << 20;
+/// Pre-faulting is done when it would cover at least this much new room (or the append needs
+/// it), so that it costs one system call per this many bytes appended, not one per append.
+const POPULATE_STEP_BYTES: usize = 256 << 10;
+/// Zeros written at a time where the file system cannot `fallocate`.
+const ZEROS_BYTES: usize = 64 << 10;
+const _: () = assert!(RESERVE_FIRST_BYTES <= RESERVE_MAX_BYTES);
+const _: () = assert!(RESERVE_MAX_BYTES.is_power_of_two());
+const _: () = assert!(RESERVE_MAX_BYTES.is_multiple_of(RESERVE_FIRST_BYTES));
+const _: () = assert!(POPULATE_STEP_BYTES < POPULATE_AHEAD_BYTES);
+
+/// A block of zeros for `write_zeros` and for finding a zero tail.
+static ZEROS: [u8; ZEROS_BYTES] = [0; ZEROS_BYTES];
 
 /// The file name of a segment file: the base offset in 20 digits, so `ls` sorts them.
 pub(crate) fn file_name(base_offset: u64, extension: &str) -> String {
@@ -50,6 +90,23 @@ struct AppendState {
     /// Log bytes appended since the last offset index entry; an entry is due past
     /// `index_interval_bytes`.
     bytes_since_index_entry: u32,
+    /// The `.log`'s first `reserved_end` bytes have blocks allocated (data, or room reserved by
+    /// `reserve`), so stores into them through the map cannot fail for want of space. At or
+    /// past `size`, and the file is at least this long.
+    reserved_end: usize,
+    /// Room the next reservation adds at least (see `RESERVE_FIRST_BYTES`).
+    reserve_step_bytes: usize,
+    /// Whether the file system takes `fallocate`; once it refused, room is reserved by writing
+    /// zeros.
+    fallocate: bool,
+    /// The map's pages below this were pre-faulted (or written); see `POPULATE_AHEAD_BYTES`.
+    populated_end: usize,
+    /// Whether to pre-fault ahead. Off under `FlushPolicy::Always`, where every `fdatasync`
+    /// would write the pre-faulted, still empty (but dirty) pages back as zeros, and for good
+    /// once the kernel refuses it (before Linux 5.14): it is only a speed-up.
+    populate: bool,
+    /// Set by `seal`: the segment takes no more appends.
+    sealed: bool,
 }
 
 /// How a segment's content is checked when it is opened.
@@ -72,6 +129,9 @@ pub(crate) enum OpenMode {
 }
 
 /// What opening a segment found.
+// Made once per segment opened and unpacked at once: boxing the segment would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Opened {
     /// The segment is open (possibly after cutting a torn tail in `Recover` mode).
@@ -91,11 +151,13 @@ pub(crate) struct Segment {
     base_offset: u64,
     /// Path of the `.log` file, for errors and deletion.
     log_path: PathBuf,
-    /// The `.log` file, written with positional writes.
+    /// The `.log` file: reservations, trimming and `fdatasync` go through it.
     log_file: File,
-    /// Read-only map over the first `capacity` bytes of the `.log` file, shared with every slice
-    /// handed to readers.
+    /// Shared map over the first `capacity` bytes of the `.log` file, shared with every slice
+    /// handed to readers; appends copy into it while the segment is active.
     log_map: Arc<MmapRaw>,
+    /// Whether `log_map` was made writable (an active segment); `seal` makes it read-only.
+    writable: bool,
     /// Bytes mapped: room for appends without remapping.
     capacity: usize,
     /// Bytes of whole batches in the `.log`; published with release ordering after the bytes
@@ -201,12 +263,21 @@ impl Segment {
         } else {
             file_len.max(1)
         };
+        assert!(size as usize <= file_len);
         // The map may reach past the end of the file: pages wholly past the end are never
-        // touched, because reads stop at `size` and the file always holds `size` bytes.
-        let log_map = MmapOptions::new()
-            .len(capacity)
-            .map_raw_read_only(&log_file)
-            .map_err(io_err(&log_path))?;
+        // touched, because reads stop at `size`, stores and pre-faulting at the reserved end,
+        // and the file always holds both.
+        let options = {
+            let mut options = MmapOptions::new();
+            options.len(capacity);
+            options
+        };
+        let log_map = if active {
+            options.map_raw(&log_file)
+        } else {
+            options.map_raw_read_only(&log_file)
+        }
+        .map_err(io_err(&log_path))?;
         let created_ms = log_file
             .metadata()
             .and_then(|m| m.created())
@@ -222,6 +293,7 @@ impl Segment {
             log_path,
             log_file,
             log_map: Arc::new(log_map),
+            writable: active,
             capacity,
             size: AtomicU32::new(size),
             next_offset: AtomicU64::new(next_offset),
@@ -233,6 +305,14 @@ impl Segment {
             keep_tail,
             append_state: Mutex::new(AppendState {
                 bytes_since_index_entry,
+                // Bytes below `size` are data, so allocated; room past them is reserved again
+                // as appends need it (`fallocate` of allocated blocks is a no-op).
+                reserved_end: size as usize,
+                reserve_step_bytes: RESERVE_FIRST_BYTES,
+                fallocate: true,
+                populated_end: size as usize,
+                populate: config.flush != FlushPolicy::Always,
+                sealed: !active,
             }),
             index_interval_bytes: config.index_interval_bytes,
             segment_bytes: config.segment_bytes,
@@ -356,19 +436,35 @@ impl Segment {
             OpenMode::Trusted { .. } => (false, false),
         };
         let scanned = scan(bytes, 0, base_offset, base_offset, verify);
+        // Where the bytes that are not zeros end: zeros past the valid batches are room the
+        // segment reserved while it was active (a batch is never all zeros), not damage. Past
+        // the readable part the file is counted as it is.
+        let damage_end = if readable as u64 == file_len {
+            (scanned.end + nonzero_prefix_len(&bytes[scanned.end..])) as u64
+        } else {
+            file_len
+        };
         drop(scan_map);
         let mut damage = None;
         if (scanned.end as u64) < file_len {
-            let reason = scanned
-                .error
-                .clone()
-                .unwrap_or_else(|| "bytes past the last whole batch".to_string());
-            if cut {
+            if damage_end == scanned.end as u64 {
+                tracing::debug!(path = %log_path.display(), bytes = file_len - scanned.end as u64, "trimming the zeros reserved past the last batch");
                 log_file
                     .set_len(scanned.end as u64)
                     .map_err(io_err(&log_path))?;
+            } else {
+                let reason = scanned
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "bytes past the last whole batch".to_string());
+                if cut {
+                    log_file
+                        .set_len(scanned.end as u64)
+                        .map_err(io_err(&log_path))?;
+                }
+                // Reserved zeros after the last damaged byte are not counted.
+                damage = Some((damage_end - scanned.end as u64, reason));
             }
-            damage = Some((file_len - scanned.end as u64, reason));
         }
         let offset_index = OffsetIndex::create(&index_path, base_offset, config.index_bytes_max)?;
         let time_index = TimeIndex::create(&time_index_path, base_offset, config.index_bytes_max)?;
@@ -500,39 +596,130 @@ impl Segment {
     }
 
     /// Appends `chunk`, whole batches whose base offsets are already assigned and which
-    /// `has_room` said fit, at the end of the segment.
+    /// `has_room` said fit, at the end of the segment: reserves room for it if needed, copies it
+    /// into the map, indexes it and publishes the new `size`.
     ///
     /// # Errors
     ///
-    /// `Io` if a write fails. The segment is then unchanged for readers (its `size` is not
-    /// moved) and the bytes written past it are cut off again if possible; the log stops taking
-    /// writes either way (see `Log`).
+    /// `Io` if room cannot be reserved (a full disk: nothing was copied) or an index entry
+    /// cannot be stored. The segment is then unchanged for readers (its `size` is not moved), and
+    /// bytes copied past it are zeroed again so they cannot come back at recovery; the log stops
+    /// taking writes either way (see `Log`).
+    ///
+    /// # Panics
+    ///
+    /// If the segment is sealed or `chunk` does not fit in the map.
     pub(crate) fn append(&self, chunk: &[u8]) -> Result<()> {
-        let position = self.size();
-        assert!(position as usize + chunk.len() <= self.capacity);
-        let written = self
-            .log_file
-            .write_all_at(chunk, u64::from(position))
-            .map_err(io_err(&self.log_path))
-            .and_then(|()| self.index_chunk(position, chunk));
-        if let Err(e) = written {
-            // Whole batches left past `size` could otherwise come back at recovery.
-            if let Err(cut) = self.log_file.set_len(u64::from(position)) {
-                tracing::error!(path = %self.log_path.display(), error = %cut, "cannot cut a failed append off the log");
+        let mut state = self.lock_append_state();
+        assert!(!state.sealed);
+        assert!(self.writable);
+        let position = self.size() as usize;
+        let end = position + chunk.len();
+        assert!(end <= self.capacity);
+        if state.reserved_end < end {
+            self.reserve(&mut state, end)?;
+        }
+        assert!(end <= state.reserved_end);
+        if state.populate {
+            self.populate_ahead(&mut state, position, end);
+        }
+        // SAFETY: `[position, end)` lies inside the map (`end <= capacity`), which is writable
+        // (`writable`, not sealed), and inside the file's reserved blocks (`end <=
+        // reserved_end`), so the stores cannot fault. No reader reads at or past `size`
+        // (`position`) until `index_chunk` publishes the new size with release ordering, and
+        // the writer is alone (it holds `append_state`), so nothing else touches these bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                chunk.as_ptr(),
+                self.log_map.as_mut_ptr().add(position),
+                chunk.len(),
+            );
+        }
+        if let Err(e) = self.index_chunk(&mut state, position as u32, chunk) {
+            // Whole batches left past `size` could otherwise come back at recovery; zeros are
+            // trimmed there as reserved room.
+            // SAFETY: as for the copy above; `size` was not moved.
+            unsafe {
+                std::ptr::write_bytes(self.log_map.as_mut_ptr().add(position), 0, chunk.len());
             }
             return Err(e);
         }
         Ok(())
     }
 
-    fn index_chunk(&self, position: u32, chunk: &[u8]) -> Result<()> {
-        let mut state = self.lock_append_state();
+    /// Reserves the `.log`'s blocks up to at least `end`, and the next chunk of room with them
+    /// (see `RESERVE_FIRST_BYTES`), never past `segment_bytes` (unless `end` is) nor the map.
+    fn reserve(&self, state: &mut AppendState, end: usize) -> Result<()> {
+        let from = state.reserved_end;
+        assert!(from < end);
+        assert!(end <= self.capacity);
+        let limit = (self.segment_bytes as usize).max(end).min(self.capacity);
+        let to = (from + state.reserve_step_bytes)
+            .max(end)
+            .next_multiple_of(RESERVE_FIRST_BYTES)
+            .min(limit);
+        assert!(end <= to);
+        if state.fallocate {
+            match fallocate(&self.log_file, from, to) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
+                    tracing::debug!(path = %self.log_path.display(), "file system cannot fallocate: reserving room by writing zeros");
+                    state.fallocate = false;
+                }
+                Err(e) => return Err(io_err(&self.log_path)(e)),
+            }
+        }
+        if !state.fallocate {
+            // Zeros only past the data: `from` is at or past `size`.
+            write_zeros(&self.log_file, from, to).map_err(io_err(&self.log_path))?;
+        }
+        state.reserved_end = to;
+        state.reserve_step_bytes = (state.reserve_step_bytes * 2).min(RESERVE_MAX_BYTES);
+        Ok(())
+    }
+
+    /// Pre-faults the reserved room from the write position to about `POPULATE_AHEAD_BYTES`
+    /// past `end`, when that covers enough new room or the append at `[position, end)` needs
+    /// it. A failure only costs speed: the copy then faults the pages in itself.
+    fn populate_ahead(&self, state: &mut AppendState, position: usize, end: usize) {
+        let to = (end + POPULATE_AHEAD_BYTES).min(state.reserved_end);
+        if end <= state.populated_end && to < state.populated_end + POPULATE_STEP_BYTES {
+            return;
+        }
+        let from = state.populated_end.max(position) / page_bytes() * page_bytes();
+        if to <= from {
+            return;
+        }
+        // SAFETY: `[from, to)` lies inside the map (`to <= reserved_end <= capacity`) and every
+        // page it touches holds reserved bytes of the file (`from` is page-aligned and below
+        // `to`), so faulting them in writable allocates nothing and cannot raise SIGBUS;
+        // `madvise` does not change the bytes.
+        let done = unsafe {
+            libc::madvise(
+                self.log_map.as_mut_ptr().add(from).cast(),
+                to - from,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if done != 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+                tracing::debug!(path = %self.log_path.display(), error = %e, "the kernel cannot pre-fault a map (MADV_POPULATE_WRITE needs Linux 5.14): appends fault pages in as they copy");
+                state.populate = false;
+            } else {
+                tracing::debug!(path = %self.log_path.display(), error = %e, "pre-faulting the map failed; the copy faults the pages in instead");
+            }
+        }
+        state.populated_end = to;
+    }
+
+    fn index_chunk(&self, state: &mut AppendState, position: u32, chunk: &[u8]) -> Result<()> {
         let mut at = 0usize;
         let mut next_offset = self.next_offset();
         while at < chunk.len() {
             let header = BatchHeader::parse(&chunk[at..]).expect("validated by the log");
             assert!(header.base_offset as u64 == next_offset);
-            self.index_batch(&mut state, position + at as u32, &header)?;
+            self.index_batch(state, position + at as u32, &header)?;
             at += header.size();
             next_offset = header.last_offset() as u64 + 1;
         }
@@ -543,9 +730,15 @@ impl Segment {
         Ok(())
     }
 
-    /// Finishes the segment: a last time index entry, indexes trimmed to their entries, and any
-    /// bytes past `size` (left by a failed write) cut off.
-    pub(crate) fn seal(&self) -> Result<()> {
+    /// Finishes the segment: a last time index entry, indexes trimmed to their entries, the
+    /// `.log` cut to `size` (the room reserved ahead of the data, and bytes of a failed append),
+    /// and its map made read-only. Returns whether the `.log` was cut: its new length is then
+    /// not on disk until the next `fdatasync`.
+    ///
+    /// A segment kept with a damaged tail (`keep_tail`) is not cut.
+    pub(crate) fn seal(&self) -> Result<bool> {
+        let mut state = self.lock_append_state();
+        state.sealed = true;
         let next_offset = self.next_offset();
         if next_offset > self.base_offset && self.time_index.len() < self.time_index.capacity() {
             self.append_time_entry(next_offset - 1)?;
@@ -558,13 +751,31 @@ impl Segment {
             .metadata()
             .map_err(io_err(&self.log_path))?
             .len();
-        if file_len != size && !self.keep_tail {
-            assert!(size < file_len);
+        assert!(size <= file_len);
+        let cut = size < file_len && !self.keep_tail;
+        if cut {
             self.log_file
                 .set_len(size)
                 .map_err(io_err(&self.log_path))?;
+            state.reserved_end = state.reserved_end.min(size as usize);
         }
-        Ok(())
+        if self.writable {
+            // SAFETY: the range is exactly the mapping made in `assemble` (page-aligned start,
+            // `capacity` bytes). Making it read-only changes no byte and nothing stores into a
+            // sealed segment (`append` asserts it); readers only load.
+            let done = unsafe {
+                libc::mprotect(
+                    self.log_map.as_mut_ptr().cast(),
+                    self.capacity,
+                    libc::PROT_READ,
+                )
+            };
+            if done != 0 {
+                // Only a guard against stray stores is lost.
+                tracing::warn!(path = %self.log_path.display(), error = %io::Error::last_os_error(), "cannot make a sealed segment's map read-only");
+            }
+        }
+        Ok(cut)
     }
 
     /// Forces the `.log` to disk, and the indexes too when `with_indexes`.
@@ -842,6 +1053,97 @@ fn scan(
     }
 }
 
+/// Allocates `file`'s blocks in `[from, to)`, growing the file to `to` if it is shorter.
+fn fallocate(file: &File, from: usize, to: usize) -> io::Result<()> {
+    assert!(from < to);
+    loop {
+        // SAFETY: a system call on a descriptor we own; no memory is passed.
+        let done = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                0,
+                from as libc::off_t,
+                (to - from) as libc::off_t,
+            )
+        };
+        if done == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Writes zeros over `[from, to)` of `file`: reserves the blocks where `fallocate` cannot.
+fn write_zeros(file: &File, mut from: usize, to: usize) -> io::Result<()> {
+    while from < to {
+        let n = (to - from).min(ZEROS_BYTES);
+        file.write_all_at(&ZEROS[..n], from as u64)?;
+        from += n;
+    }
+    Ok(())
+}
+
+/// Bytes of `bytes` up to and including its last non-zero byte (0 if it is all zeros).
+fn nonzero_prefix_len(bytes: &[u8]) -> usize {
+    let mut end = bytes.len();
+    // Block by block from the end (a zero tail is up to `RESERVE_MAX_BYTES`), then the block
+    // holding the last non-zero byte byte by byte.
+    while end > 0 {
+        let start = end.saturating_sub(ZEROS_BYTES);
+        if bytes[start..end] != ZEROS[..end - start] {
+            let last = bytes[start..end]
+                .iter()
+                .rposition(|&b| b != 0)
+                .expect("the block is not all zeros");
+            return start + last + 1;
+        }
+        end = start;
+    }
+    0
+}
+
+/// Bytes of the file at `path` before its trailing zeros: what a segment file that may end in
+/// reserved room holds, for reports. 0 if the file cannot be read.
+pub(crate) fn bytes_before_zero_tail(path: &Path) -> u64 {
+    let Ok(file) = File::open(path) else {
+        return 0;
+    };
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return 0;
+    };
+    let mut buffer = vec![0u8; ZEROS_BYTES];
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(ZEROS_BYTES as u64);
+        let block = &mut buffer[..(end - start) as usize];
+        if file.read_exact_at(block, start).is_err() {
+            return len;
+        }
+        let kept = nonzero_prefix_len(block);
+        if kept > 0 {
+            return start + kept as u64;
+        }
+        end = start;
+    }
+    0
+}
+
+/// The size of a memory page, which `madvise` ranges start on.
+fn page_bytes() -> usize {
+    static PAGE_BYTES: OnceLock<usize> = OnceLock::new();
+    *PAGE_BYTES.get_or_init(|| {
+        // SAFETY: `sysconf` only reads a system setting.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(page)
+            .ok()
+            .filter(|&p| p > 0)
+            .unwrap_or(4096)
+    })
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -861,5 +1163,129 @@ mod tests {
         assert_eq!(parse_file_name("0000000000000000042.log", "log"), None);
         assert_eq!(parse_file_name("0000000000000000004x.log", "log"), None);
         assert_eq!(parse_file_name("99999999999999999999.log", "log"), None);
+    }
+
+    #[test]
+    fn nonzero_prefix_len_finds_the_last_non_zero_byte() {
+        let check = |bytes: &[u8], want: usize| assert_eq!(nonzero_prefix_len(bytes), want);
+        check(&[], 0);
+        check(&[0; 10], 0);
+        check(&[1], 1);
+        check(&[0, 1, 0], 2);
+        let mut big = vec![0u8; 3 * ZEROS_BYTES + 5];
+        check(&big, 0);
+        big[0] = 7;
+        check(&big, 1);
+        big[ZEROS_BYTES + 3] = 1;
+        check(&big, ZEROS_BYTES + 4);
+        big[3 * ZEROS_BYTES + 4] = 1;
+        check(&big, 3 * ZEROS_BYTES + 5);
+    }
+
+    /// Appends copies of one ~16 KiB batch, with offsets assigned, until the segment holds at
+    /// least `bytes`; returns the bytes appended.
+    fn fill(segment: &Segment, bytes: usize) -> Vec<u8> {
+        let mut builder = octolog_batch::BatchBuilder::new();
+        for i in 0..15u8 {
+            builder.push(1_700_000_000_000, None, Some(&[i; 1000]), &[]);
+        }
+        let mut batch = builder.finish().to_vec();
+        let mut appended = Vec::new();
+        while (segment.size() as usize) < bytes {
+            octolog_batch::set_base_offset(&mut batch, segment.next_offset() as i64);
+            segment.append(&batch).unwrap();
+            appended.extend_from_slice(&batch);
+            let state = segment.lock_append_state();
+            assert!(segment.size() as usize <= state.reserved_end);
+            let file_len = segment.log_file.metadata().unwrap().len() as usize;
+            assert_eq!(file_len, state.reserved_end);
+        }
+        appended
+    }
+
+    /// Guards the reservation ahead of the data: chunks that start at `RESERVE_FIRST_BYTES` and
+    /// double up to `RESERVE_MAX_BYTES`, the file holding the data and zeros past it, with
+    /// `fallocate` and with the zeros written where it is missing, and sealing cutting the
+    /// zeros off.
+    #[test]
+    fn appends_reserve_room_in_growing_chunks_and_sealing_cuts_it_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 32 << 20,
+            index_bytes_max: 1 << 20,
+            flush: FlushPolicy::Never,
+            ..LogConfig::default()
+        };
+        for fallocate in [true, false] {
+            let segment = Segment::create(dir.path(), u64::from(fallocate), &config).unwrap();
+            segment.lock_append_state().fallocate = fallocate;
+            let mut steps = Vec::new();
+            let mut reserved_end = 0;
+            let mut appended = Vec::new();
+            while reserved_end < 20 << 20 {
+                appended.extend(fill(&segment, reserved_end + 1));
+                let now = segment.lock_append_state().reserved_end;
+                steps.push(now - reserved_end);
+                reserved_end = now;
+            }
+            let k = 1 << 10;
+            let m = 1 << 20;
+            assert_eq!(
+                steps,
+                [
+                    64 * k,
+                    128 * k,
+                    256 * k,
+                    512 * k,
+                    m,
+                    2 * m,
+                    4 * m,
+                    8 * m,
+                    8 * m
+                ],
+                "fallocate {fallocate}"
+            );
+            let size = segment.size() as usize;
+            let file = std::fs::read(segment.log_path()).unwrap();
+            assert_eq!(file.len(), reserved_end);
+            assert_eq!(&file[..size], &appended[..]);
+            assert!(file[size..].iter().all(|&b| b == 0));
+            let (read, _) = segment
+                .read(segment.base_offset(), usize::MAX, u64::MAX)
+                .unwrap();
+            assert_eq!(&read[..], &appended[..]);
+            assert!(segment.seal().unwrap());
+            assert_eq!(
+                std::fs::metadata(segment.log_path()).unwrap().len(),
+                size as u64
+            );
+            // Slices stay readable after the cut and the map is made read-only.
+            assert_eq!(&read[..], &appended[..]);
+        }
+    }
+
+    /// Guards that reservations stop at `segment_bytes` (a small segment does not reserve a
+    /// whole first chunk) unless one lone batch needs more.
+    #[test]
+    fn reservations_stop_at_segment_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes: 20_000,
+            index_bytes_max: 1 << 20,
+            flush: FlushPolicy::Never,
+            ..LogConfig::default()
+        };
+        let segment = Segment::create(dir.path(), 0, &config).unwrap();
+        fill(&segment, 1);
+        assert_eq!(segment.lock_append_state().reserved_end, 20_000);
+        let small = LogConfig {
+            segment_bytes: 1000,
+            ..config
+        };
+        let segment = Segment::create(dir.path(), 100, &small).unwrap();
+        fill(&segment, 1);
+        let size = segment.size() as usize;
+        assert!(1000 < size);
+        assert_eq!(segment.lock_append_state().reserved_end, size);
     }
 }
