@@ -508,6 +508,9 @@ impl Segment {
         }
         assert!(position == end);
         self.next_offset.store(next_offset, Ordering::Release);
+        // The data is allocated: reservations (which may write zeros) start past it.
+        state.reserved_end = state.reserved_end.max(end);
+        state.populated_end = state.populated_end.max(end);
         self.size.store(end as u32, Ordering::Release);
         Ok(())
     }
@@ -651,6 +654,8 @@ impl Segment {
     /// (see `RESERVE_FIRST_BYTES`), never past `segment_bytes` (unless `end` is) nor the map.
     fn reserve(&self, state: &mut AppendState, end: usize) -> Result<()> {
         let from = state.reserved_end;
+        // Zeros may be written over `[from, to)`: never over data.
+        assert!(self.size() as usize <= from);
         assert!(from < end);
         assert!(end <= self.capacity);
         let limit = (self.segment_bytes as usize).max(end).min(self.capacity);
