@@ -3,21 +3,20 @@
 //!
 //! The `.log` file's first `size` bytes are valid batches. The file of a sealed segment, and of
 //! every segment after a clean close, ends where its data ends. The active segment's file is
-//! longer: room ahead of `size` is reserved with `fallocate` (or, where the file system lacks
-//! it, by writing zeros) in chunks that grow from `RESERVE_FIRST_BYTES` to `RESERVE_MAX_BYTES`,
-//! and reads as zeros. Sealing cuts that zero tail off, and recovery after a crash trims it
-//! quietly: a batch is never all zeros, so zeros past the last valid batch are reserved room,
-//! not data.
+//! longer: room ahead of `size` is reserved with `fallocate` in chunks that grow from
+//! `RESERVE_FIRST_BYTES` to `RESERVE_MAX_BYTES`, and reads as zeros. Sealing cuts that zero
+//! tail off, and recovery after a crash trims it quietly: a batch is never all zeros, so zeros
+//! past the last valid batch are reserved room, not data.
 //!
-//! The file is mapped once, `capacity` bytes, when the segment is created or opened: shared and
-//! writable for the active segment, read-only for a sealed one (sealing makes an active
-//! segment's map read-only too). An append copies its batches into the map at `size`, only
-//! into reserved room: on a full disk the reservation fails with an error before any byte is
-//! copied, instead of a store raising SIGBUS. About `POPULATE_AHEAD_BYTES` of reserved room
-//! ahead of `size` is pre-faulted with `madvise(MADV_POPULATE_WRITE)`, so that the copy does not
-//! take a page fault per page (this is what lets small appends beat `pwrite`). `fdatasync` of
-//! the descriptor writes back the pages dirtied through the map, so durability works as with
-//! `pwrite`.
+//! Appends are written with positional writes (`pwrite`) at `size`, into the reserved room: the
+//! file system then has the blocks already and skips its delayed-allocation work per write
+//! (measured: ~15 KiB appends +12-18%, ~256 KiB appends +35%), and a full disk fails the
+//! reservation before any byte is written. Where the file system cannot `fallocate`, appends
+//! just grow the file. The file is read through a read-only shared memory map of `capacity`
+//! bytes made once when the segment is created or opened. (Copying appends into a writable map
+//! instead, with the pages ahead pre-faulted by `MADV_POPULATE_WRITE`, was measured slower on
+//! fresh segment files: every page then costs a page fault, a zeroed page and a `page_mkwrite`,
+//! where `pwrite` fills large folios; see `BENCHMARKS.md`.)
 //!
 //! A reader only ever forms slices below the `size` it loaded, and bytes below `size` never
 //! change: the writer stores only at or past `size`, and the file is never shrunk below `size`
@@ -34,13 +33,13 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use memmap2::{MmapOptions, MmapRaw};
 use octolog_batch::{BatchHeader, Compression};
 
-use crate::config::{FlushPolicy, LogConfig};
+use crate::config::LogConfig;
 use crate::error::{io_err, Result, StorageError};
 use crate::index::{remove_if_exists, OffsetIndex, TimeIndex};
 
@@ -54,20 +53,13 @@ const NO_TIMESTAMP: i64 = i64::MIN;
 const RESERVE_FIRST_BYTES: usize = 64 << 10;
 /// The most one reservation adds: the largest zero tail a crash can leave (plus one append).
 const RESERVE_MAX_BYTES: usize = 8 << 20;
-/// Reserved room ahead of the write position that appends keep pre-faulted with
-/// `MADV_POPULATE_WRITE`.
-const POPULATE_AHEAD_BYTES: usize = 1 << 20;
-/// Pre-faulting is done when it would cover at least this much new room (or the append needs
-/// it), so that it costs one system call per this many bytes appended, not one per append.
-const POPULATE_STEP_BYTES: usize = 256 << 10;
-/// Zeros written at a time where the file system cannot `fallocate`.
+/// Bytes of file compared at a time when looking for the end of a zero tail.
 const ZEROS_BYTES: usize = 64 << 10;
 const _: () = assert!(RESERVE_FIRST_BYTES <= RESERVE_MAX_BYTES);
 const _: () = assert!(RESERVE_MAX_BYTES.is_power_of_two());
 const _: () = assert!(RESERVE_MAX_BYTES.is_multiple_of(RESERVE_FIRST_BYTES));
-const _: () = assert!(POPULATE_STEP_BYTES < POPULATE_AHEAD_BYTES);
 
-/// A block of zeros for `write_zeros` and for finding a zero tail.
+/// A block of zeros for finding a zero tail.
 static ZEROS: [u8; ZEROS_BYTES] = [0; ZEROS_BYTES];
 
 /// The file name of a segment file: the base offset in 20 digits, so `ls` sorts them.
@@ -91,20 +83,14 @@ struct AppendState {
     /// `index_interval_bytes`.
     bytes_since_index_entry: u32,
     /// The `.log`'s first `reserved_end` bytes have blocks allocated (data, or room reserved by
-    /// `reserve`), so stores into them through the map cannot fail for want of space. At or
-    /// past `size`, and the file is at least this long.
+    /// `reserve`), so writes into them need no new space. At or past `size`, and the file is at
+    /// least this long.
     reserved_end: usize,
     /// Room the next reservation adds at least (see `RESERVE_FIRST_BYTES`).
     reserve_step_bytes: usize,
-    /// Whether the file system takes `fallocate`; once it refused, room is reserved by writing
-    /// zeros.
+    /// Whether the file system takes `fallocate`; once it refused, appends just grow the file
+    /// (reserving by writing zeros first would write every byte twice).
     fallocate: bool,
-    /// The map's pages below this were pre-faulted (or written); see `POPULATE_AHEAD_BYTES`.
-    populated_end: usize,
-    /// Whether to pre-fault ahead. Off under `FlushPolicy::Always`, where every `fdatasync`
-    /// would write the pre-faulted, still empty (but dirty) pages back as zeros, and for good
-    /// once the kernel refuses it (before Linux 5.14): it is only a speed-up.
-    populate: bool,
     /// Set by `seal`: the segment takes no more appends.
     sealed: bool,
 }
@@ -151,13 +137,11 @@ pub(crate) struct Segment {
     base_offset: u64,
     /// Path of the `.log` file, for errors and deletion.
     log_path: PathBuf,
-    /// The `.log` file: reservations, trimming and `fdatasync` go through it.
+    /// The `.log` file, written with positional writes into reserved room.
     log_file: File,
-    /// Shared map over the first `capacity` bytes of the `.log` file, shared with every slice
-    /// handed to readers; appends copy into it while the segment is active.
+    /// Read-only map over the first `capacity` bytes of the `.log` file, shared with every slice
+    /// handed to readers.
     log_map: Arc<MmapRaw>,
-    /// Whether `log_map` was made writable (an active segment); `seal` makes it read-only.
-    writable: bool,
     /// Bytes mapped: room for appends without remapping.
     capacity: usize,
     /// Bytes of whole batches in the `.log`; published with release ordering after the bytes
@@ -265,19 +249,11 @@ impl Segment {
         };
         assert!(size as usize <= file_len);
         // The map may reach past the end of the file: pages wholly past the end are never
-        // touched, because reads stop at `size`, stores and pre-faulting at the reserved end,
-        // and the file always holds both.
-        let options = {
-            let mut options = MmapOptions::new();
-            options.len(capacity);
-            options
-        };
-        let log_map = if active {
-            options.map_raw(&log_file)
-        } else {
-            options.map_raw_read_only(&log_file)
-        }
-        .map_err(io_err(&log_path))?;
+        // touched, because reads stop at `size` and the file always holds `size` bytes.
+        let log_map = MmapOptions::new()
+            .len(capacity)
+            .map_raw_read_only(&log_file)
+            .map_err(io_err(&log_path))?;
         let created_ms = log_file
             .metadata()
             .and_then(|m| m.created())
@@ -293,7 +269,6 @@ impl Segment {
             log_path,
             log_file,
             log_map: Arc::new(log_map),
-            writable: active,
             capacity,
             size: AtomicU32::new(size),
             next_offset: AtomicU64::new(next_offset),
@@ -310,8 +285,6 @@ impl Segment {
                 reserved_end: size as usize,
                 reserve_step_bytes: RESERVE_FIRST_BYTES,
                 fallocate: true,
-                populated_end: size as usize,
-                populate: config.flush != FlushPolicy::Always,
                 sealed: !active,
             }),
             index_interval_bytes: config.index_interval_bytes,
@@ -508,9 +481,8 @@ impl Segment {
         }
         assert!(position == end);
         self.next_offset.store(next_offset, Ordering::Release);
-        // The data is allocated: reservations (which may write zeros) start past it.
+        // The data is allocated: reservations start past it.
         state.reserved_end = state.reserved_end.max(end);
-        state.populated_end = state.populated_end.max(end);
         self.size.store(end as u32, Ordering::Release);
         Ok(())
     }
@@ -599,15 +571,15 @@ impl Segment {
     }
 
     /// Appends `chunk`, whole batches whose base offsets are already assigned and which
-    /// `has_room` said fit, at the end of the segment: reserves room for it if needed, copies it
-    /// into the map, indexes it and publishes the new `size`.
+    /// `has_room` said fit, at the end of the segment: reserves room for it if needed, writes
+    /// it, indexes it and publishes the new `size`.
     ///
     /// # Errors
     ///
-    /// `Io` if room cannot be reserved (a full disk: nothing was copied) or an index entry
-    /// cannot be stored. The segment is then unchanged for readers (its `size` is not moved), and
-    /// bytes copied past it are zeroed again so they cannot come back at recovery; the log stops
-    /// taking writes either way (see `Log`).
+    /// `Io` if room cannot be reserved (a full disk: nothing was written), a write fails or an
+    /// index entry cannot be stored. The segment is then unchanged for readers (its `size` is not
+    /// moved) and the bytes written past it are cut off again if possible; the log stops taking
+    /// writes either way (see `Log`).
     ///
     /// # Panics
     ///
@@ -615,36 +587,23 @@ impl Segment {
     pub(crate) fn append(&self, chunk: &[u8]) -> Result<()> {
         let mut state = self.lock_append_state();
         assert!(!state.sealed);
-        assert!(self.writable);
-        let position = self.size() as usize;
-        let end = position + chunk.len();
+        let position = self.size();
+        let end = position as usize + chunk.len();
         assert!(end <= self.capacity);
-        if state.reserved_end < end {
+        if state.fallocate && state.reserved_end < end {
             self.reserve(&mut state, end)?;
         }
-        assert!(end <= state.reserved_end);
-        if state.populate {
-            self.populate_ahead(&mut state, position, end);
-        }
-        // SAFETY: `[position, end)` lies inside the map (`end <= capacity`), which is writable
-        // (`writable`, not sealed), and inside the file's reserved blocks (`end <=
-        // reserved_end`), so the stores cannot fault. No reader reads at or past `size`
-        // (`position`) until `index_chunk` publishes the new size with release ordering, and
-        // the writer is alone (it holds `append_state`), so nothing else touches these bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                chunk.as_ptr(),
-                self.log_map.as_mut_ptr().add(position),
-                chunk.len(),
-            );
-        }
-        if let Err(e) = self.index_chunk(&mut state, position as u32, chunk) {
-            // Whole batches left past `size` could otherwise come back at recovery; zeros are
-            // trimmed there as reserved room.
-            // SAFETY: as for the copy above; `size` was not moved.
-            unsafe {
-                std::ptr::write_bytes(self.log_map.as_mut_ptr().add(position), 0, chunk.len());
+        let written = self
+            .log_file
+            .write_all_at(chunk, u64::from(position))
+            .map_err(io_err(&self.log_path))
+            .and_then(|()| self.index_chunk(&mut state, position, chunk));
+        if let Err(e) = written {
+            // Whole batches left past `size` could otherwise come back at recovery.
+            if let Err(cut) = self.log_file.set_len(u64::from(position)) {
+                tracing::error!(path = %self.log_path.display(), error = %cut, "cannot cut a failed append off the log");
             }
+            state.reserved_end = state.reserved_end.min(position as usize);
             return Err(e);
         }
         Ok(())
@@ -652,9 +611,9 @@ impl Segment {
 
     /// Reserves the `.log`'s blocks up to at least `end`, and the next chunk of room with them
     /// (see `RESERVE_FIRST_BYTES`), never past `segment_bytes` (unless `end` is) nor the map.
+    /// Where the file system cannot `fallocate`, it stops reserving for good.
     fn reserve(&self, state: &mut AppendState, end: usize) -> Result<()> {
         let from = state.reserved_end;
-        // Zeros may be written over `[from, to)`: never over data.
         assert!(self.size() as usize <= from);
         assert!(from < end);
         assert!(end <= self.capacity);
@@ -664,58 +623,19 @@ impl Segment {
             .next_multiple_of(RESERVE_FIRST_BYTES)
             .min(limit);
         assert!(end <= to);
-        if state.fallocate {
-            match fallocate(&self.log_file, from, to) {
-                Ok(()) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
-                    tracing::debug!(path = %self.log_path.display(), "file system cannot fallocate: reserving room by writing zeros");
-                    state.fallocate = false;
-                }
-                Err(e) => return Err(io_err(&self.log_path)(e)),
+        match fallocate(&self.log_file, from, to) {
+            Ok(()) => {
+                state.reserved_end = to;
+                state.reserve_step_bytes = (state.reserve_step_bytes * 2).min(RESERVE_MAX_BYTES);
+                Ok(())
             }
-        }
-        if !state.fallocate {
-            // Zeros only past the data: `from` is at or past `size`.
-            write_zeros(&self.log_file, from, to).map_err(io_err(&self.log_path))?;
-        }
-        state.reserved_end = to;
-        state.reserve_step_bytes = (state.reserve_step_bytes * 2).min(RESERVE_MAX_BYTES);
-        Ok(())
-    }
-
-    /// Pre-faults the reserved room from the write position to about `POPULATE_AHEAD_BYTES`
-    /// past `end`, when that covers enough new room or the append at `[position, end)` needs
-    /// it. A failure only costs speed: the copy then faults the pages in itself.
-    fn populate_ahead(&self, state: &mut AppendState, position: usize, end: usize) {
-        let to = (end + POPULATE_AHEAD_BYTES).min(state.reserved_end);
-        if end <= state.populated_end && to < state.populated_end + POPULATE_STEP_BYTES {
-            return;
-        }
-        let from = state.populated_end.max(position) / page_bytes() * page_bytes();
-        if to <= from {
-            return;
-        }
-        // SAFETY: `[from, to)` lies inside the map (`to <= reserved_end <= capacity`) and every
-        // page it touches holds reserved bytes of the file (`from` is page-aligned and below
-        // `to`), so faulting them in writable allocates nothing and cannot raise SIGBUS;
-        // `madvise` does not change the bytes.
-        let done = unsafe {
-            libc::madvise(
-                self.log_map.as_mut_ptr().add(from).cast(),
-                to - from,
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        if done != 0 {
-            let e = io::Error::last_os_error();
-            if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
-                tracing::debug!(path = %self.log_path.display(), error = %e, "the kernel cannot pre-fault a map (MADV_POPULATE_WRITE needs Linux 5.14): appends fault pages in as they copy");
-                state.populate = false;
-            } else {
-                tracing::debug!(path = %self.log_path.display(), error = %e, "pre-faulting the map failed; the copy faults the pages in instead");
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) => {
+                tracing::debug!(path = %self.log_path.display(), "file system cannot fallocate: appends grow the file as they write");
+                state.fallocate = false;
+                Ok(())
             }
+            Err(e) => Err(io_err(&self.log_path)(e)),
         }
-        state.populated_end = to;
     }
 
     fn index_chunk(&self, state: &mut AppendState, position: u32, chunk: &[u8]) -> Result<()> {
@@ -735,10 +655,10 @@ impl Segment {
         Ok(())
     }
 
-    /// Finishes the segment: a last time index entry, indexes trimmed to their entries, the
-    /// `.log` cut to `size` (the room reserved ahead of the data, and bytes of a failed append),
-    /// and its map made read-only. Returns whether the `.log` was cut: its new length is then
-    /// not on disk until the next `fdatasync`.
+    /// Finishes the segment: a last time index entry, indexes trimmed to their entries, and the
+    /// `.log` cut to `size` (the room reserved ahead of the data, and bytes of a failed append).
+    /// Returns whether the `.log` was cut: its new length is then not on disk until the next
+    /// `fdatasync`.
     ///
     /// A segment kept with a damaged tail (`keep_tail`) is not cut.
     pub(crate) fn seal(&self) -> Result<bool> {
@@ -763,22 +683,6 @@ impl Segment {
                 .set_len(size)
                 .map_err(io_err(&self.log_path))?;
             state.reserved_end = state.reserved_end.min(size as usize);
-        }
-        if self.writable {
-            // SAFETY: the range is exactly the mapping made in `assemble` (page-aligned start,
-            // `capacity` bytes). Making it read-only changes no byte and nothing stores into a
-            // sealed segment (`append` asserts it); readers only load.
-            let done = unsafe {
-                libc::mprotect(
-                    self.log_map.as_mut_ptr().cast(),
-                    self.capacity,
-                    libc::PROT_READ,
-                )
-            };
-            if done != 0 {
-                // Only a guard against stray stores is lost.
-                tracing::warn!(path = %self.log_path.display(), error = %io::Error::last_os_error(), "cannot make a sealed segment's map read-only");
-            }
         }
         Ok(cut)
     }
@@ -1081,16 +985,6 @@ fn fallocate(file: &File, from: usize, to: usize) -> io::Result<()> {
     }
 }
 
-/// Writes zeros over `[from, to)` of `file`: reserves the blocks where `fallocate` cannot.
-fn write_zeros(file: &File, mut from: usize, to: usize) -> io::Result<()> {
-    while from < to {
-        let n = (to - from).min(ZEROS_BYTES);
-        file.write_all_at(&ZEROS[..n], from as u64)?;
-        from += n;
-    }
-    Ok(())
-}
-
 /// Bytes of `bytes` up to and including its last non-zero byte (0 if it is all zeros).
 fn nonzero_prefix_len(bytes: &[u8]) -> usize {
     let mut end = bytes.len();
@@ -1136,19 +1030,6 @@ pub(crate) fn bytes_before_zero_tail(path: &Path) -> u64 {
     0
 }
 
-/// The size of a memory page, which `madvise` ranges start on.
-fn page_bytes() -> usize {
-    static PAGE_BYTES: OnceLock<usize> = OnceLock::new();
-    *PAGE_BYTES.get_or_init(|| {
-        // SAFETY: `sysconf` only reads a system setting.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        usize::try_from(page)
-            .ok()
-            .filter(|&p| p > 0)
-            .unwrap_or(4096)
-    })
-}
-
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -1159,6 +1040,7 @@ pub(crate) fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::FlushPolicy;
 
     #[test]
     fn file_names_round_trip() {
@@ -1201,17 +1083,20 @@ mod tests {
             segment.append(&batch).unwrap();
             appended.extend_from_slice(&batch);
             let state = segment.lock_append_state();
-            assert!(segment.size() as usize <= state.reserved_end);
             let file_len = segment.log_file.metadata().unwrap().len() as usize;
-            assert_eq!(file_len, state.reserved_end);
+            if state.fallocate {
+                assert!(segment.size() as usize <= state.reserved_end);
+                assert_eq!(file_len, state.reserved_end);
+            } else {
+                assert_eq!(file_len, segment.size() as usize);
+            }
         }
         appended
     }
 
     /// Guards the reservation ahead of the data: chunks that start at `RESERVE_FIRST_BYTES` and
-    /// double up to `RESERVE_MAX_BYTES`, the file holding the data and zeros past it, with
-    /// `fallocate` and with the zeros written where it is missing, and sealing cutting the
-    /// zeros off.
+    /// double up to `RESERVE_MAX_BYTES`, the file holding the data and zeros past it, sealing
+    /// cutting the zeros off; and appends that just grow the file where `fallocate` is missing.
     #[test]
     fn appends_reserve_room_in_growing_chunks_and_sealing_cuts_it_off() {
         let dir = tempfile::tempdir().unwrap();
@@ -1221,52 +1106,59 @@ mod tests {
             flush: FlushPolicy::Never,
             ..LogConfig::default()
         };
-        for fallocate in [true, false] {
-            let segment = Segment::create(dir.path(), u64::from(fallocate), &config).unwrap();
-            segment.lock_append_state().fallocate = fallocate;
-            let mut steps = Vec::new();
-            let mut reserved_end = 0;
-            let mut appended = Vec::new();
-            while reserved_end < 20 << 20 {
-                appended.extend(fill(&segment, reserved_end + 1));
-                let now = segment.lock_append_state().reserved_end;
-                steps.push(now - reserved_end);
-                reserved_end = now;
-            }
-            let k = 1 << 10;
-            let m = 1 << 20;
-            assert_eq!(
-                steps,
-                [
-                    64 * k,
-                    128 * k,
-                    256 * k,
-                    512 * k,
-                    m,
-                    2 * m,
-                    4 * m,
-                    8 * m,
-                    8 * m
-                ],
-                "fallocate {fallocate}"
-            );
-            let size = segment.size() as usize;
-            let file = std::fs::read(segment.log_path()).unwrap();
-            assert_eq!(file.len(), reserved_end);
-            assert_eq!(&file[..size], &appended[..]);
-            assert!(file[size..].iter().all(|&b| b == 0));
-            let (read, _) = segment
-                .read(segment.base_offset(), usize::MAX, u64::MAX)
-                .unwrap();
-            assert_eq!(&read[..], &appended[..]);
-            assert!(segment.seal().unwrap());
-            assert_eq!(
-                std::fs::metadata(segment.log_path()).unwrap().len(),
-                size as u64
-            );
-            // Slices stay readable after the cut and the map is made read-only.
-            assert_eq!(&read[..], &appended[..]);
+        let segment = Segment::create(dir.path(), 0, &config).unwrap();
+        let mut steps = Vec::new();
+        let mut reserved_end = 0;
+        let mut appended = Vec::new();
+        while reserved_end < 20 << 20 {
+            appended.extend(fill(&segment, reserved_end + 1));
+            let now = segment.lock_append_state().reserved_end;
+            steps.push(now - reserved_end);
+            reserved_end = now;
         }
+        let k = 1 << 10;
+        let m = 1 << 20;
+        assert_eq!(
+            steps,
+            [
+                64 * k,
+                128 * k,
+                256 * k,
+                512 * k,
+                m,
+                2 * m,
+                4 * m,
+                8 * m,
+                8 * m
+            ]
+        );
+        let size = segment.size() as usize;
+        let file = std::fs::read(segment.log_path()).unwrap();
+        assert_eq!(file.len(), reserved_end);
+        assert_eq!(&file[..size], &appended[..]);
+        assert!(file[size..].iter().all(|&b| b == 0));
+        let (read, _) = segment
+            .read(segment.base_offset(), usize::MAX, u64::MAX)
+            .unwrap();
+        assert_eq!(&read[..], &appended[..]);
+        assert!(segment.seal().unwrap());
+        assert_eq!(
+            std::fs::metadata(segment.log_path()).unwrap().len(),
+            size as u64
+        );
+        // Slices stay readable after the cut.
+        assert_eq!(&read[..], &appended[..]);
+
+        // Without `fallocate` (as `reserve` leaves it after EOPNOTSUPP).
+        let segment = Segment::create(dir.path(), 1 << 40, &config).unwrap();
+        segment.lock_append_state().fallocate = false;
+        let appended = fill(&segment, 1 << 20);
+        assert_eq!(segment.lock_append_state().reserved_end, 0);
+        let (read, _) = segment
+            .read(segment.base_offset(), usize::MAX, u64::MAX)
+            .unwrap();
+        assert_eq!(&read[..], &appended[..]);
+        assert!(!segment.seal().unwrap());
     }
 
     /// Guards that reservations stop at `segment_bytes` (a small segment does not reserve a

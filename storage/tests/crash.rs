@@ -381,8 +381,8 @@ fn a_crash_leaves_reserved_zeros_that_recovery_trims_quietly() {
     assert_records(&log, end + 600);
 }
 
-/// Guards the write-back order of pages stored through a map, which is arbitrary: after a crash
-/// a page in the middle of the data may be zeros while later pages hold batches. Recovery cuts
+/// Guards against the write-back order of dirty pages, which is arbitrary: after a crash a page
+/// in the middle of the data may be zeros while later pages hold batches. Recovery cuts
 /// at the first batch the zeros touch and reports everything after it, up to the last batch
 /// byte, as cut.
 #[test]

@@ -1,5 +1,5 @@
 //! An append whose reservation of room in the `.log` fails (as on a full disk) must fail with an
-//! `Io` error before any byte is copied into the segment's map, and leave the log as it was.
+//! `Io` error before any byte is written, and leave the log as it was.
 //!
 //! The failure is provoked with a file-size limit (`RLIMIT_FSIZE`), under which `fallocate` past
 //! the limit fails with `EFBIG`. The limit is per process, so this file is its own test binary
@@ -26,7 +26,7 @@ fn set_file_bytes_limit(bytes: libc::rlim_t) {
 }
 
 /// Guards that a failed reservation is an `Io` error with the log unchanged (no record
-/// published, nothing copied past the data, the file as long as before), that the log then
+/// published, nothing written past the data, the file as long as before), that the log then
 /// takes no writes, and that a reopen recovers every record appended before without reporting
 /// a cut.
 #[test]
@@ -69,7 +69,7 @@ fn a_failed_reservation_is_an_error_and_leaves_the_log_as_it_was() {
     }
     assert!((file.len() as u64) <= FILE_BYTES_LIMIT);
     assert!(size_bytes < file.len() as u64);
-    // Nothing published, nothing copied.
+    // Nothing published, nothing written.
     assert_eq!(log.log_end_offset(), end);
     assert_eq!(log.high_watermark(), end);
     assert_eq!(log.size_bytes(), size_bytes);
