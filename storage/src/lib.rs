@@ -4,8 +4,9 @@
 //! A [`Log`] lives in one folder and is an ordered set of segments, each a `.log` file of Apache
 //! Kafka v2 record batches (see `octolog-batch`) with a sparse offset index and a time index.
 //! Appends are validated (structure, magic, CRC-32C), given dense offsets, and written with
-//! positional writes; reads are zero-copy [`bytes::Bytes`] slices of the mapped segment. After an
-//! unclean shutdown the log is scanned from its recovery point and a torn tail is cut off.
+//! positional writes into file space reserved ahead of them; reads are zero-copy
+//! [`bytes::Bytes`] slices of the mapped segment. After an unclean shutdown the log is scanned
+//! from its recovery point, a torn tail is cut off and the reserved zeros are trimmed.
 //!
 //! This crate is synchronous and knows nothing of async runtimes, networks or protobuf: the broker
 //! calls it from the threads it chooses (blocking ones for appends that fsync).

@@ -937,8 +937,17 @@ impl Log {
         // A failure here fails the log: an appender that wrote before the close and waits in
         // `flush_to` must get an error, not a retried fsync that Linux may report as a success
         // after the first one failed (the dirty pages it lost are not written again).
-        let synced = active.seal().and_then(|()| {
+        let synced = active.seal().and_then(|cut| {
+            // `flush_locked` syncs the active segment's `.log` when records are unflushed.
+            let unflushed = self.recovery_point.load(Ordering::Acquire)
+                < self.log_end_offset.load(Ordering::Acquire);
             self.flush_locked(&mut state)?;
+            if cut && !unflushed {
+                // Sealing cut the room reserved past the data off after the last fdatasync:
+                // make the new length durable, so that a clean open finds the file ending
+                // where its data ends.
+                active.flush(false)?;
+            }
             for segment in segments.iter() {
                 if !segment.indexes_synced() {
                     segment.flush(true)?;
@@ -1032,7 +1041,8 @@ fn delete_segment_files(
 ) -> Result<()> {
     for &base in bases {
         let log_path = dir.join(segment::file_name(base, "log"));
-        let bytes = fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
+        // An active segment's file may end in reserved zeros, which are not data.
+        let bytes = segment::bytes_before_zero_tail(&log_path);
         tracing::warn!(path = %log_path.display(), bytes, reason, "deleting segment past the damage");
         report.bytes_cut += bytes;
         report.segments_deleted += 1;

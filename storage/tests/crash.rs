@@ -32,7 +32,8 @@ struct BatchAt {
     last_offset: u64,
 }
 
-/// The `.log` files of a log folder in order, with their batches.
+/// The `.log` files of a log folder in order, with their batches. A file may end in zeros (room
+/// the active segment reserved ahead of its data); anything else past its batches fails.
 fn layout(dir: &Path) -> Vec<(PathBuf, Vec<BatchAt>)> {
     let mut logs: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap()
@@ -47,7 +48,13 @@ fn layout(dir: &Path) -> Vec<(PathBuf, Vec<BatchAt>)> {
             let mut iter = octolog_batch::batches_verified(&bytes);
             let mut start = 0;
             for item in &mut iter {
-                let (header, slice) = item.unwrap();
+                let Ok((header, slice)) = item else {
+                    assert!(
+                        bytes[start..].iter().all(|&b| b == 0),
+                        "{path:?}: not a batch at {start}"
+                    );
+                    break;
+                };
                 batches.push(BatchAt {
                     start,
                     end: start + slice.len(),
@@ -205,32 +212,74 @@ fn flipping_a_byte_cuts_the_log_at_the_batch_holding_it() {
     }
 }
 
+/// Where garbage goes in `garbage_in_or_after_the_reserved_zeros_is_cut_off`.
+#[derive(Debug, Clone, Copy)]
+enum GarbageAt {
+    /// Right after the last batch, over the start of the reserved zeros.
+    DataEnd,
+    /// Inside the reserved zeros, after some of them.
+    InsideZeros,
+    /// After the reserved zeros, growing the file.
+    FileEnd,
+}
+
+/// Guards that bytes other than zeros past the last batch are reported as cut (up to the last
+/// of them), wherever they sit in or after the zeros the active segment reserved, and that the
+/// file is cut back to its batches.
 #[test]
-fn garbage_appended_to_the_log_is_cut_off() {
+fn garbage_in_or_after_the_reserved_zeros_is_cut_off() {
+    use std::os::unix::fs::FileExt;
     let root = tempfile::tempdir().unwrap();
     let mut rng = Rng(42);
+    let places = [
+        GarbageAt::DataEnd,
+        GarbageAt::InsideZeros,
+        GarbageAt::FileEnd,
+    ];
     for (trial, garbage_bytes) in [1usize, 11, 61, 500, 5000].into_iter().enumerate() {
-        let dir = crashed_log(root.path(), &format!("garbage-{trial}"));
-        let layout = layout(&dir);
-        let (path, _) = layout.last().unwrap();
-        let mut bytes = fs::read(path).unwrap();
-        let before = bytes.len();
-        bytes.extend((0..garbage_bytes).map(|_| rng.below(256) as u8));
-        fs::write(path, &bytes).unwrap();
-        let log = Log::open(&dir, config()).unwrap();
-        assert_eq!(log.open_report().bytes_cut, garbage_bytes as u64);
-        drop(log);
-        assert_eq!(fs::metadata(path).unwrap().len(), before as u64);
-        assert_survivors(&dir, RECORDS);
+        for at in places {
+            let dir = crashed_log(root.path(), &format!("garbage-{trial}-{at:?}"));
+            let layout = layout(&dir);
+            let (path, batches) = layout.last().unwrap();
+            let data_end = batches.last().unwrap().end as u64;
+            let file_len = fs::metadata(path).unwrap().len();
+            // The crash left the active segment's reserved room behind its batches.
+            assert!(data_end < file_len, "{data_end} {file_len}");
+            let position = match at {
+                GarbageAt::DataEnd => data_end,
+                GarbageAt::InsideZeros => data_end + (file_len - data_end) / 2,
+                GarbageAt::FileEnd => file_len,
+            };
+            // Never zero, so the garbage's extent is exactly what is reported.
+            let garbage: Vec<u8> = (0..garbage_bytes)
+                .map(|_| 1 + rng.below(255) as u8)
+                .collect();
+            fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .write_all_at(&garbage, position)
+                .unwrap();
+            let log = Log::open(&dir, config()).unwrap();
+            assert_eq!(
+                log.open_report().bytes_cut,
+                position + garbage_bytes as u64 - data_end,
+                "{garbage_bytes} at {at:?}"
+            );
+            assert_eq!(log.open_report().segments_deleted, 0);
+            drop(log);
+            assert_eq!(fs::metadata(path).unwrap().len(), data_end);
+            assert_survivors(&dir, RECORDS);
+        }
     }
 }
 
 #[test]
-fn a_zeroed_tail_like_a_preallocated_file_is_cut_off() {
+fn a_zeroed_tail_like_a_preallocated_file_is_trimmed_without_reporting_a_cut() {
     let root = tempfile::tempdir().unwrap();
     let dir = crashed_log(root.path(), "zeros");
     let layout = layout(&dir);
-    let (path, _) = layout.last().unwrap();
+    let (path, batches) = layout.last().unwrap();
     let len = fs::metadata(path).unwrap().len();
     fs::OpenOptions::new()
         .write(true)
@@ -238,7 +287,135 @@ fn a_zeroed_tail_like_a_preallocated_file_is_cut_off() {
         .unwrap()
         .set_len(len + 4096)
         .unwrap();
+    let log = Log::open(&dir, config()).unwrap();
+    assert_eq!(log.open_report().bytes_cut, 0);
+    assert_eq!(log.open_report().segments_damaged, 0);
+    drop(log);
+    assert_eq!(
+        fs::metadata(path).unwrap().len(),
+        batches.last().unwrap().end as u64
+    );
     assert_survivors(&dir, RECORDS);
+}
+
+/// Segments large enough that the active one reserves room several times (64, 128, 256 KiB
+/// ...).
+fn reserving_config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 4 << 20,
+        index_bytes_max: 64 << 10,
+        ..config()
+    }
+}
+
+/// Appends `count` batches of 1 to 3 records (`value_for` values of `VALUE_BYTES`) from the log
+/// end offset on.
+fn append_mixed_batches(log: &Log, count: u64) {
+    for i in 0..count {
+        let offset = log.log_end_offset().0;
+        let n = 1 + i % 3;
+        let values: Vec<Vec<u8>> = (offset..offset + n)
+            .map(|o| value_for(o, VALUE_BYTES))
+            .collect();
+        let info = log.append(&mut batch(&values, offset as i64)).unwrap();
+        assert_eq!(info.first_offset, Offset(offset));
+    }
+}
+
+/// Asserts that `log` holds exactly the records `[0, end)`, with their values.
+fn assert_records(log: &Log, end: u64) {
+    assert_eq!(log.log_end_offset(), Offset(end));
+    let records = read_all(log, 0);
+    assert_eq!(records.len() as u64, end);
+    for (offset, value) in &records {
+        assert_eq!(value, &value_for(*offset, VALUE_BYTES));
+    }
+}
+
+/// Guards that the zeros an active segment reserved ahead of its data, which a crash leaves in
+/// the file, are trimmed on recovery without being reported as damage, that no record is lost,
+/// and that appends continue at the right offset (reserving again) across further crashes.
+#[test]
+fn a_crash_leaves_reserved_zeros_that_recovery_trims_quietly() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("reserved");
+    let path = dir.join("00000000000000000000.log");
+    let log = Log::open(&dir, reserving_config()).unwrap();
+    // About 600 KiB: past the first three reservations.
+    append_mixed_batches(&log, 2000);
+    let end = log.log_end_offset().0;
+    assert_eq!(log.segment_count(), 1);
+    drop(log);
+    let data_end = layout(&dir)[0].1.last().unwrap().end as u64;
+    let file_len = fs::metadata(&path).unwrap().len();
+    assert!(data_end < file_len, "{data_end} {file_len}");
+    assert!(file_len <= data_end + (8 << 20));
+
+    for round in 0..2 {
+        let log = Log::open(&dir, reserving_config()).unwrap();
+        let report = log.open_report().clone();
+        assert!(!report.clean_shutdown);
+        assert_eq!(report.bytes_cut, 0, "round {round}: {report:?}");
+        assert_eq!(report.segments_deleted, 0);
+        assert_eq!(report.segments_damaged, 0);
+        assert_records(&log, end + round * 300);
+        let data_end = fs::metadata(&path).unwrap().len();
+        // Appends continue at the log end and reserve room again.
+        append_mixed_batches(&log, 150);
+        assert_records(&log, end + (round + 1) * 300);
+        assert!(data_end < fs::metadata(&path).unwrap().len());
+        drop(log);
+    }
+    // A clean close leaves the file exactly as long as its data.
+    let log = Log::open(&dir, reserving_config()).unwrap();
+    log.close().unwrap();
+    drop(log);
+    let layout = layout(&dir);
+    assert_eq!(
+        fs::metadata(&path).unwrap().len(),
+        layout[0].1.last().unwrap().end as u64
+    );
+    let log = Log::open(&dir, reserving_config()).unwrap();
+    assert!(log.open_report().clean_shutdown);
+    assert_eq!(log.open_report().segments_recovered, 0);
+    assert_records(&log, end + 600);
+}
+
+/// Guards against the write-back order of dirty pages, which is arbitrary: after a crash a page
+/// in the middle of the data may be zeros while later pages hold batches. Recovery cuts
+/// at the first batch the zeros touch and reports everything after it, up to the last batch
+/// byte, as cut.
+#[test]
+fn a_zero_page_inside_the_data_cuts_the_log_there() {
+    use std::os::unix::fs::FileExt;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("zero-page");
+    let path = dir.join("00000000000000000000.log");
+    let log = Log::open(&dir, reserving_config()).unwrap();
+    append_mixed_batches(&log, 1000);
+    drop(log);
+    let layout = layout(&dir);
+    let batches = &layout[0].1;
+    let data_end = batches.last().unwrap().end;
+    let page = 40 * 4096;
+    assert!(page + 4096 < data_end);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .write_all_at(&[0u8; 4096], page as u64)
+        .unwrap();
+    let hit = batches.iter().find(|b| page < b.end).unwrap();
+    let log = Log::open(&dir, reserving_config()).unwrap();
+    assert_eq!(
+        log.open_report().bytes_cut,
+        (data_end - hit.start) as u64,
+        "{:?}",
+        log.open_report()
+    );
+    assert_records(&log, hit.base_offset);
+    drop(log);
+    assert_eq!(fs::metadata(&path).unwrap().len(), hit.start as u64);
 }
 
 #[test]

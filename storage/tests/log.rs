@@ -417,6 +417,58 @@ fn clean_close_and_reopen_keeps_everything_and_appends_continue() {
     }
 }
 
+/// Lengths of the `.log` files in `dir`, in base-offset order.
+fn log_file_lengths(dir: &std::path::Path) -> Vec<u64> {
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs.iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .collect()
+}
+
+/// Guards that the room the active segment reserves ahead of its data is cut off by a clean
+/// close (so a clean open can trust file length == data), that sealed segments never keep it,
+/// and that `size_bytes` never counts it.
+#[test]
+fn a_clean_close_leaves_each_log_file_exactly_as_long_as_its_data() {
+    for flush in [FlushPolicy::Never, FlushPolicy::Always] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            flush,
+            ..small_config()
+        };
+        let log = Log::open(dir.path(), config.clone()).unwrap();
+        append_records(&log, 150, 300, 0);
+        assert!(log.segment_count() >= 3);
+        let lengths = log_file_lengths(dir.path());
+        // The active segment has room reserved past its data; sealed ones do not.
+        assert!(log.size_bytes() < lengths.iter().sum::<u64>(), "{flush}");
+        log.close().unwrap();
+        drop(log);
+        let lengths = log_file_lengths(dir.path());
+        let log = Log::open(dir.path(), config).unwrap();
+        assert!(log.open_report().clean_shutdown);
+        assert_eq!(log.open_report().segments_recovered, 0);
+        assert_eq!(log.size_bytes(), lengths.iter().sum::<u64>(), "{flush}");
+        // Each file is whole batches and nothing else.
+        for path in std::fs::read_dir(dir.path()).unwrap() {
+            let path = path.unwrap().path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let bytes = std::fs::read(&path).unwrap();
+                let batches: usize = octolog_batch::batches_verified(&bytes)
+                    .map(|item| item.unwrap().1.len())
+                    .sum();
+                assert_eq!(batches, bytes.len(), "{path:?}");
+            }
+        }
+        assert_eq!(read_all(&log, 0).len(), 150);
+    }
+}
+
 #[test]
 fn flush_always_appends_from_threads_return_durable_and_dense() {
     let dir = tempfile::tempdir().unwrap();
