@@ -349,7 +349,7 @@ fn a_crash_leaves_reserved_zeros_that_recovery_trims_quietly() {
     let data_end = layout(&dir)[0].1.last().unwrap().end as u64;
     let file_len = fs::metadata(&path).unwrap().len();
     assert!(data_end < file_len, "{data_end} {file_len}");
-    assert!(file_len <= data_end + (8 << 20));
+    assert!(file_len <= data_end + (1 << 20));
 
     for round in 0..2 {
         let log = Log::open(&dir, reserving_config()).unwrap();

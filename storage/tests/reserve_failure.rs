@@ -1,5 +1,6 @@
-//! An append whose reservation of room in the `.log` fails (as on a full disk) must fail with an
-//! `Io` error before any byte is written, and leave the log as it was.
+//! Appends when the disk is short of room (as on a full disk): a reservation of room ahead that
+//! does not fit must not fail appends that do; an append that does not fit must fail with an
+//! `Io` error and leave the log as it was for readers and for recovery.
 //!
 //! The failure is provoked with a file-size limit (`RLIMIT_FSIZE`), under which `fallocate` past
 //! the limit fails with `EFBIG`. The limit is per process, so this file is its own test binary
@@ -25,12 +26,13 @@ fn set_file_bytes_limit(bytes: libc::rlim_t) {
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) }, 0);
 }
 
-/// Guards that a failed reservation is an `Io` error with the log unchanged (no record
-/// published, nothing written past the data, the file as long as before), that the log then
-/// takes no writes, and that a reopen recovers every record appended before without reporting
-/// a cut.
+/// Guards that a failed reservation of room ahead falls back to reserving (or writing) just what
+/// an append needs, so appends go on until one really does not fit; that this one is an `Io`
+/// error with the log unchanged (no record published, the file cut back to its data), that the
+/// log then takes no writes, and that a reopen recovers every record appended before without
+/// reporting a cut.
 #[test]
-fn a_failed_reservation_is_an_error_and_leaves_the_log_as_it_was() {
+fn appends_fill_the_room_left_and_the_one_that_does_not_fit_leaves_the_log_as_it_was() {
     // SAFETY: ignoring a signal installs no handler code; going past the limit then only fails
     // the system call with EFBIG instead of killing the process.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
@@ -51,15 +53,17 @@ fn a_failed_reservation_is_an_error_and_leaves_the_log_as_it_was() {
         let size_bytes = log.size_bytes();
         let file = fs::read(&path).unwrap();
         let mut b = batch(&[value_for(end.0, 900)], 0);
+        let batch_bytes = b.len() as u64;
         match log.append(&mut b) {
             Ok(_) => continue,
             Err(e) => {
-                failure = Some((e, end, size_bytes, file));
+                failure = Some((e, end, size_bytes, file, batch_bytes));
                 break;
             }
         }
     }
-    let (error, end, size_bytes, file) = failure.expect("an append fails past the limit");
+    let (error, end, size_bytes, file, batch_bytes) =
+        failure.expect("an append fails past the limit");
     set_file_bytes_limit(libc::RLIM_INFINITY);
     match &error {
         StorageError::Io { source, .. } => {
@@ -68,12 +72,17 @@ fn a_failed_reservation_is_an_error_and_leaves_the_log_as_it_was() {
         other => panic!("expected an i/o error, got {other}"),
     }
     assert!((file.len() as u64) <= FILE_BYTES_LIMIT);
-    assert!(size_bytes < file.len() as u64);
-    // Nothing published, nothing written.
+    assert!(size_bytes <= file.len() as u64);
+    // The failed 448 KiB reservation did not stop appends: they filled the file up to the limit.
+    assert!(
+        size_bytes + batch_bytes > FILE_BYTES_LIMIT,
+        "{size_bytes} + {batch_bytes} bytes fit under {FILE_BYTES_LIMIT}"
+    );
+    // Nothing published; the file holds the data it held, and nothing past it.
     assert_eq!(log.log_end_offset(), end);
     assert_eq!(log.high_watermark(), end);
     assert_eq!(log.size_bytes(), size_bytes);
-    assert_eq!(fs::read(&path).unwrap(), file);
+    assert_eq!(fs::read(&path).unwrap(), file[..size_bytes as usize]);
     assert!(file[size_bytes as usize..].iter().all(|&b| b == 0));
     let records = read_all(&log, 0);
     assert_eq!(records.len() as u64, end.0);
