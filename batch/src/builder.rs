@@ -219,7 +219,7 @@ impl BatchBuilder {
         header.put_i32(record_count);
         assert!(header.is_empty());
 
-        let crc = crc32c::crc32c(&self.buf[ATTRIBUTES_POSITION..]);
+        let crc = crate::header::crc32c(&self.buf[ATTRIBUTES_POSITION..]);
         self.buf[CRC_POSITION..ATTRIBUTES_POSITION].copy_from_slice(&crc.to_be_bytes());
         debug_assert_eq!(
             BatchHeader::parse_verified(&self.buf).map(|header| header.record_count),
@@ -551,7 +551,7 @@ mod tests {
             batch.extend_from_slice(&area);
             let batch_length = i32::try_from(batch.len() - LOG_OVERHEAD_BYTES).expect("small");
             batch[8..12].copy_from_slice(&batch_length.to_be_bytes());
-            let crc = crc32c::crc32c(&batch[ATTRIBUTES_POSITION..]);
+            let crc = crate::header::crc32c(&batch[ATTRIBUTES_POSITION..]);
             batch[CRC_POSITION..ATTRIBUTES_POSITION].copy_from_slice(&crc.to_be_bytes());
             if let Ok((_, records)) = decode_batch(&batch.freeze()) {
                 prop_assert_eq!(records.len(), record_count as usize);
