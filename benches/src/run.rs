@@ -44,6 +44,8 @@ use crate::error::{context, BenchError};
 use crate::memory;
 use crate::received::{Arrival, Received};
 
+/// Record values a producer cuts from one allocation.
+const VALUES_PER_ALLOCATION: usize = 256;
 /// How often the progress line on stderr is refreshed.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Most deliveries a producer keeps unchecked; past it, it awaits the oldest before sending more.
@@ -604,6 +606,7 @@ async fn produce(
         *byte = b'a' + (i % 26) as u8;
     }
     let mut pending = VecDeque::with_capacity(DELIVERIES_PENDING_MAX.min(records as usize));
+    let mut arena = BytesMut::new();
     // The pacing schedule: record `seq` is due at `schedule_start + pacing_offset(seq -
     // schedule_first)`; both move when the producer falls too far behind.
     let mut schedule_start = start;
@@ -623,7 +626,13 @@ async fn produce(
                 schedule_first = seq;
             }
         }
-        let mut value = BytesMut::from(&template[..]);
+        // Values are cut from a shared allocation, a malloc per VALUES_PER_ALLOCATION records
+        // rather than one each (the producer copies each value into its batch at once).
+        if arena.capacity() - arena.len() < plan.message_bytes {
+            arena = BytesMut::with_capacity(plan.message_bytes * VALUES_PER_ALLOCATION);
+        }
+        arena.extend_from_slice(&template);
+        let mut value = arena.split();
         value[0..8].copy_from_slice(&now_ns().to_le_bytes());
         value[8..16].copy_from_slice(&seq.to_le_bytes());
         let delivery = producer

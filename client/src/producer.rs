@@ -35,7 +35,7 @@
 //! Thread-safety: `Producer` is `Clone + Send + Sync`; clones share the batches and the sender.
 //! Dropping the last clone lets the sender send what is pending and stop; it never blocks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -386,6 +386,9 @@ struct State {
     /// Per topic, the partition keyless records go to until its batch is closed (Kafka's
     /// sticky partitioner: fuller batches than round-robin per record).
     sticky: HashMap<Arc<str>, u32>,
+    /// Every topic name this producer has sent to, shared by its queues' keys: found by hash on
+    /// each `send` (a scan of `queues` cost a comparison per partition per record).
+    topics: HashSet<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -589,9 +592,13 @@ impl Producer {
             shared.buffer.add_permits(size);
             return Err(ClientError::Closed);
         }
-        let topic: Arc<str> = match state.queues.keys().find(|(t, _)| **t == *record.topic) {
-            Some((t, _)) => Arc::clone(t),
-            None => Arc::from(record.topic.as_str()),
+        let topic: Arc<str> = match state.topics.get(record.topic.as_str()) {
+            Some(t) => Arc::clone(t),
+            None => {
+                let t: Arc<str> = Arc::from(record.topic.as_str());
+                state.topics.insert(Arc::clone(&t));
+                t
+            }
         };
         let partition = match (record.partition, &record.key) {
             (Some(p), _) => p,
@@ -613,7 +620,12 @@ impl Producer {
                         }
                     }
                 };
-                state.sticky.insert(Arc::clone(&topic), p);
+                match state.sticky.get_mut(&topic) {
+                    Some(sticky) => *sticky = p,
+                    None => {
+                        state.sticky.insert(Arc::clone(&topic), p);
+                    }
+                }
                 p
             }
         };
