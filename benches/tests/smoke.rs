@@ -4,24 +4,30 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_octolog-bench");
 
-/// Guards the `--json` contract of INTERFACE.md: every key present, as numbers, and every record
-/// sent is received.
-#[test]
-fn json_run_reports_every_key_and_all_records() {
-    let total_bytes = 2_000_000u64;
-    let message_bytes = 1024u64;
+/// Runs the binary with `args`, asserts it succeeded and printed exactly one line, and returns
+/// that line parsed as JSON.
+fn run_json(args: &[&str]) -> serde_json::Value {
     let output = Command::new(BIN)
-        .args(["--total-bytes", &total_bytes.to_string(), "--json"])
+        .args(args)
         .output()
         .expect("the binary runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "stdout: {stdout}\nstderr: {stderr}"
+        "{args:?}\nstdout: {stdout}\nstderr: {stderr}"
     );
     assert_eq!(stdout.lines().count(), 1, "one JSON object: {stdout}");
-    let json: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    serde_json::from_str(&stdout).expect("stdout is JSON")
+}
+
+/// Guards the `--json` contract of INTERFACE.md: every key present, as numbers, and every record
+/// sent is received.
+#[test]
+fn json_run_reports_every_key_and_all_records() {
+    let total_bytes = 2_000_000u64;
+    let message_bytes = 1024u64;
+    let json = run_json(&["--total-bytes", &total_bytes.to_string(), "--json"]);
     for key in [
         "produce_mb_s",
         "produce_records_s",
@@ -65,26 +71,16 @@ fn json_run_reports_every_key_and_all_records() {
 fn replay_run_consumes_after_producing() {
     let total_bytes = 2_000_000u64;
     let message_bytes = 1024u64;
-    let output = Command::new(BIN)
-        .args([
-            "--total-bytes",
-            &total_bytes.to_string(),
-            "--partitions",
-            "4",
-            "--consumers",
-            "2",
-            "--replay",
-            "--json",
-        ])
-        .output()
-        .expect("the binary runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout: {stdout}\nstderr: {stderr}"
-    );
-    let json: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    let json = run_json(&[
+        "--total-bytes",
+        &total_bytes.to_string(),
+        "--partitions",
+        "4",
+        "--consumers",
+        "2",
+        "--replay",
+        "--json",
+    ]);
     assert_eq!(json["replay"], true, "{json}");
     assert_eq!(json["records"].as_u64(), Some(total_bytes / message_bytes));
     for key in ["produce_mb_s", "consume_mb_s"] {
@@ -99,26 +95,16 @@ fn replay_run_consumes_after_producing() {
 fn push_run_receives_every_record() {
     let total_bytes = 2_000_000u64;
     let message_bytes = 1024u64;
-    let output = Command::new(BIN)
-        .args([
-            "--total-bytes",
-            &total_bytes.to_string(),
-            "--partitions",
-            "4",
-            "--consumers",
-            "2",
-            "--push",
-            "--json",
-        ])
-        .output()
-        .expect("the binary runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout: {stdout}\nstderr: {stderr}"
-    );
-    let json: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    let json = run_json(&[
+        "--total-bytes",
+        &total_bytes.to_string(),
+        "--partitions",
+        "4",
+        "--consumers",
+        "2",
+        "--push",
+        "--json",
+    ]);
     assert_eq!(json["push"], true, "{json}");
     assert_eq!(json["records"].as_u64(), Some(total_bytes / message_bytes));
     assert!(json["latency_p50_us"].as_u64().unwrap_or(0) > 0, "{json}");
@@ -130,27 +116,17 @@ fn push_run_receives_every_record() {
 fn group_run_receives_every_record_once() {
     let total_bytes = 4_000_000u64;
     let message_bytes = 1024u64;
-    let output = Command::new(BIN)
-        .args([
-            "--total-bytes",
-            &total_bytes.to_string(),
-            "--consumers",
-            "2",
-            "--partitions",
-            "4",
-            "--group",
-            "smoke",
-            "--json",
-        ])
-        .output()
-        .expect("the binary runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout: {stdout}\nstderr: {stderr}"
-    );
-    let json: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is JSON");
+    let json = run_json(&[
+        "--total-bytes",
+        &total_bytes.to_string(),
+        "--consumers",
+        "2",
+        "--partitions",
+        "4",
+        "--group",
+        "smoke",
+        "--json",
+    ]);
     assert_eq!(json["group"], "smoke");
     assert_eq!(json["consumers"].as_u64(), Some(2));
     assert_eq!(json["records"].as_u64(), Some(total_bytes / message_bytes));
