@@ -83,6 +83,22 @@ impl MappedIndex {
         Self::map(path, file, entry_bytes, 0, capacity)
     }
 
+    /// Like `create`, but an existing file is emptied in place (same inode) instead of
+    /// unlinked. Only for the index of a segment being opened, which nothing maps yet: making
+    /// a new inode costs ext4 a search of its inode bitmaps, which took 70% of a 10,000-partition
+    /// broker's start after `kill -9` (two index files rebuilt per partition).
+    fn recreate(path: &Path, entry_bytes: usize, bytes_max: u32) -> Result<MappedIndex> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        let capacity = bytes_max as usize / entry_bytes;
+        Self::map(path, file, entry_bytes, 0, capacity)
+    }
+
     /// Opens an existing index with the entries its length says it has. With `preallocate`, the
     /// file is grown back to `bytes_max` so the index can take more entries.
     ///
@@ -273,6 +289,13 @@ impl OffsetIndex {
         Ok(OffsetIndex { base_offset, inner })
     }
 
+    /// An empty index in place of the file at `path`, keeping its inode: for rebuilding the
+    /// index of a segment being opened, which no reader maps (see `MappedIndex::recreate`).
+    pub(crate) fn recreate(path: &Path, base_offset: u64, bytes_max: u32) -> Result<Self> {
+        let inner = MappedIndex::recreate(path, OFFSET_ENTRY_BYTES, bytes_max)?;
+        Ok(OffsetIndex { base_offset, inner })
+    }
+
     /// Opens an existing index; `Ok(None)` if it is missing or fails the sanity check against
     /// a log of `log_bytes`. With `check_all`, every entry is checked, else the last one.
     pub(crate) fn open(
@@ -391,6 +414,12 @@ pub(crate) struct TimeIndex {
 impl TimeIndex {
     pub(crate) fn create(path: &Path, base_offset: u64, bytes_max: u32) -> Result<Self> {
         let inner = MappedIndex::create(path, TIME_ENTRY_BYTES, bytes_max)?;
+        Ok(TimeIndex { base_offset, inner })
+    }
+
+    /// As `OffsetIndex::recreate`.
+    pub(crate) fn recreate(path: &Path, base_offset: u64, bytes_max: u32) -> Result<Self> {
+        let inner = MappedIndex::recreate(path, TIME_ENTRY_BYTES, bytes_max)?;
         Ok(TimeIndex { base_offset, inner })
     }
 
@@ -517,6 +546,41 @@ mod tests {
         check(134, (120, 8300));
         check(135, (135, 12400));
         check(u64::MAX, (135, 12400));
+    }
+
+    /// Guards `recreate`: an existing index file is emptied in place, keeping its inode (no
+    /// new inode for ext4 to allocate at recovery), and works as a fresh one.
+    #[test]
+    fn recreate_empties_an_index_file_in_place() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.index");
+        let inode = |path: &Path| std::fs::metadata(path).unwrap().ino();
+        let old = OffsetIndex::create(&path, 0, 64).unwrap();
+        old.append(10, 1000).unwrap();
+        old.sync().unwrap();
+        drop(old);
+        let before = inode(&path);
+        let index = OffsetIndex::recreate(&path, 0, 64).unwrap();
+        assert_eq!(inode(&path), before, "recreate made a new file");
+        assert_eq!(index.len(), 0);
+        index.append(20, 2000).unwrap();
+        assert_eq!(index.lookup(25), (20, 2000));
+        drop(index);
+        let time_before = {
+            let time_path = dir.path().join("x.timeindex");
+            let t = TimeIndex::create(&time_path, 0, 120).unwrap();
+            t.append(5, 1).unwrap();
+            drop(t);
+            let ino = inode(&time_path);
+            let t = TimeIndex::recreate(&time_path, 0, 120).unwrap();
+            assert_eq!(t.len(), 0);
+            (ino, inode(&time_path))
+        };
+        assert_eq!(time_before.0, time_before.1);
+        // A missing file is simply created.
+        let fresh = dir.path().join("y.index");
+        assert_eq!(OffsetIndex::recreate(&fresh, 0, 64).unwrap().len(), 0);
     }
 
     #[test]

@@ -441,8 +441,11 @@ impl Segment {
                 damage = Some((damage_end - scanned.end as u64, reason));
             }
         }
-        let offset_index = OffsetIndex::create(&index_path, base_offset, config.index_bytes_max)?;
-        let time_index = TimeIndex::create(&time_index_path, base_offset, config.index_bytes_max)?;
+        // Nothing maps this segment's index files yet (it is being opened: by `Log::open`, or
+        // by `truncate_to` after it removed them), so they are emptied in place.
+        let offset_index = OffsetIndex::recreate(&index_path, base_offset, config.index_bytes_max)?;
+        let time_index =
+            TimeIndex::recreate(&time_index_path, base_offset, config.index_bytes_max)?;
         let segment = Self::assemble(
             log_path,
             log_file,
