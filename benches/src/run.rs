@@ -44,8 +44,11 @@ use crate::error::{context, BenchError};
 use crate::memory;
 use crate::received::{Arrival, Received};
 
-/// Record values a producer cuts from one allocation.
+/// Record values a producer cuts from one allocation...
 const VALUES_PER_ALLOCATION: usize = 256;
+/// ...unless that would be larger than this (large values: one allocation each, so that the
+/// memory figures are not inflated by allocations kept alive by a few values).
+const ARENA_BYTES_MAX: usize = 256 << 10;
 /// How often the progress line on stderr is refreshed.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 /// Most deliveries a producer keeps unchecked; past it, it awaits the oldest before sending more.
@@ -629,7 +632,11 @@ async fn produce(
         // Values are cut from a shared allocation, a malloc per VALUES_PER_ALLOCATION records
         // rather than one each (the producer copies each value into its batch at once).
         if arena.capacity() - arena.len() < plan.message_bytes {
-            arena = BytesMut::with_capacity(plan.message_bytes * VALUES_PER_ALLOCATION);
+            arena = BytesMut::with_capacity(
+                (plan.message_bytes * VALUES_PER_ALLOCATION)
+                    .min(ARENA_BYTES_MAX)
+                    .max(plan.message_bytes),
+            );
         }
         arena.extend_from_slice(&template);
         let mut value = arena.split();

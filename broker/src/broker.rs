@@ -775,8 +775,13 @@ impl Broker {
                 first_error.get_or_insert(e);
             }
         }
-        // Dropping the file releases its lock.
-        self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if first_error.is_none() {
+            // Dropping the file releases its lock. After a failed close the folder stays locked
+            // until this broker is dropped: a log that did not close cleanly is recovered by the
+            // next open, which rebuilds index files in place, and must not find this broker's
+            // segments still mapping them.
+            self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
         first_error.map_or(Ok(()), Err)
     }
 }

@@ -24,6 +24,9 @@ use crate::error::{ClientError, Result};
 use crate::membership;
 use crate::Client;
 
+/// Shortest wait of a pushed consumer's `poll` for the next answer (see `fill`).
+const PUSH_WAIT_MIN: Duration = Duration::from_millis(1);
+
 /// Fetch answers read ahead of the caller.
 const FETCHES_AHEAD: usize = 2;
 
@@ -497,7 +500,10 @@ impl Consumer {
             // A subscription answers only when there are records: `max_wait` bounds the wait,
             // as a fetch's does at the broker, so `poll` returns (empty) now and then.
             None if self.settings.push => {
-                match tokio::time::timeout(self.settings.max_wait, fetcher.answers.recv()).await {
+                // At least a millisecond, so that `next` on a quiet topic with a zero `max_wait`
+                // waits instead of spinning.
+                let wait = self.settings.max_wait.max(PUSH_WAIT_MIN);
+                match tokio::time::timeout(wait, fetcher.answers.recv()).await {
                     Ok(answer) => answer,
                     Err(_) => return Ok(0),
                 }

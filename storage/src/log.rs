@@ -523,11 +523,16 @@ impl Log {
             // The sealed segment's trimmed indexes are trusted after a clean close: make them
             // durable now (two small files per roll) rather than all at once on close.
             active.flush_indexes()?;
-            if cut && active.next_offset() <= self.recovery_point.load(Ordering::Acquire) {
-                // Its records were flushed before the cut, so `close` will not sync this
-                // segment again: make the trimmed length durable now, so that a clean open
-                // finds the file ending where its data ends (else it scans it for nothing).
-                active.flush(false)?;
+            if cut {
+                // Under the flush lock, so that a flush in progress has either stored its
+                // recovery point or will sync this segment after the cut.
+                let _flushing = lock(&self.flush_state);
+                if active.next_offset() <= self.recovery_point.load(Ordering::Acquire) {
+                    // Its records were flushed before the cut, so `close` will not sync this
+                    // segment again: make the trimmed length durable now, so that a clean open
+                    // finds the file ending where its data ends (else it scans it for nothing).
+                    active.flush(false)?;
+                }
             }
         } else {
             active.flush(true)?;
