@@ -73,14 +73,7 @@ impl MappedIndex {
     /// file is unlinked rather than truncated, so readers that still map it are not disturbed.
     fn create(path: &Path, entry_bytes: usize, bytes_max: u32) -> Result<MappedIndex> {
         remove_if_exists(path)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(io_err(path))?;
-        let capacity = bytes_max as usize / entry_bytes;
-        Self::map(path, file, entry_bytes, 0, capacity)
+        Self::recreate(path, entry_bytes, bytes_max)
     }
 
     /// Like `create`, but an existing file is emptied in place (same inode) instead of
