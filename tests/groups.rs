@@ -242,13 +242,15 @@ async fn joins_leaves_and_rebalances_deliver_every_record_exactly_once() {
         "nothing is redelivered"
     );
     // Every member was told what it got and what it gave up.
-    let rebalances = rebalances.lock().unwrap();
-    assert!(rebalances
-        .iter()
-        .any(|(m, r)| m == "a" && matches!(r, Rebalance::Revoked(_))));
-    assert!(rebalances
-        .iter()
-        .any(|(m, r)| m == "c" && matches!(r, Rebalance::Assigned(_))));
+    {
+        let rebalances = rebalances.lock().unwrap();
+        assert!(rebalances
+            .iter()
+            .any(|(m, r)| m == "a" && matches!(r, Rebalance::Revoked(_))));
+        assert!(rebalances
+            .iter()
+            .any(|(m, r)| m == "c" && matches!(r, Rebalance::Assigned(_))));
+    }
     // The group is empty now, with a committed position at the end of every partition.
     let d = client
         .admin()
@@ -342,15 +344,16 @@ async fn a_crashed_members_uncommitted_records_go_once_more_to_the_next_owner_ma
         assert!(deliveries[1].3, "second delivery marked: {deliveries:?}");
     }
     // b started each partition exactly at a's commit.
-    let log_d = log.deliveries.lock().unwrap();
-    for p in 0..2u32 {
-        let first_b = log_d
-            .iter()
-            .find(|d| d.0 == "b" && d.1 == p)
-            .expect("b read p");
-        assert_eq!(first_b.2, committed[&p].0);
+    {
+        let log_d = log.deliveries.lock().unwrap();
+        for p in 0..2u32 {
+            let first_b = log_d
+                .iter()
+                .find(|d| d.0 == "b" && d.1 == p)
+                .expect("b read p");
+            assert_eq!(first_b.2, committed[&p].0);
+        }
     }
-    drop(log_d);
     broker.stop().await;
 }
 
