@@ -248,7 +248,7 @@ mod tests {
     use crate::record::{decode_batch, Header, Record};
 
     fn decode_hex(hex: &str) -> Vec<u8> {
-        assert!(hex.len() % 2 == 0);
+        assert!(hex.len().is_multiple_of(2));
         (0..hex.len())
             .step_by(2)
             .map(|index| u8::from_str_radix(&hex[index..index + 2], 16).expect("valid hex"))

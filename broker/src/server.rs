@@ -185,7 +185,7 @@ async fn maintenance(broker: Arc<Broker>) {
             _ = shutdown.changed() => return,
         }
         round += 1;
-        let check_retention = round % retention_every == 0;
+        let check_retention = round.is_multiple_of(retention_every);
         let b = Arc::clone(&broker);
         if tokio::task::spawn_blocking(move || b.maintain(check_retention))
             .await

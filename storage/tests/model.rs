@@ -165,7 +165,7 @@ fn run(ops: Vec<Op>) {
                         .batch_bases
                         .iter()
                         .filter(|&&b| b <= target)
-                        .last()
+                        .next_back()
                         .unwrap();
                     assert_eq!(end, base);
                     model.records.truncate((base - model.start) as usize);

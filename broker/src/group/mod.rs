@@ -417,7 +417,7 @@ impl Coordinator {
             for (tp, offset) in offsets {
                 // A deleted topic's positions are forgotten; a late commit must not bring
                 // them back for a new topic of the same name.
-                if !partition_count(&tp.0).is_some_and(|n| tp.1 < n) {
+                if partition_count(&tp.0).is_none_or(|n| tp.1 >= n) {
                     results.push(Err(BrokerError::UnknownPartition {
                         topic: tp.0.clone(),
                         partition: tp.1,
