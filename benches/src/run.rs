@@ -472,14 +472,17 @@ async fn measure(
                             .collect(),
                     ),
                 };
-                tokio::spawn(consume(
-                    client.clone(),
-                    Arc::clone(&plan),
-                    index,
-                    share,
+                tokio::spawn(failing_fast(
                     Arc::clone(&counters),
-                    Arc::clone(&received),
-                    start_ns,
+                    consume(
+                        client.clone(),
+                        Arc::clone(&plan),
+                        index,
+                        share,
+                        Arc::clone(&counters),
+                        Arc::clone(&received),
+                        start_ns,
+                    ),
                 ))
             })
             .collect()
@@ -492,12 +495,15 @@ async fn measure(
     };
     let producers: Vec<_> = (0..plan.producers)
         .map(|index| {
-            tokio::spawn(produce(
-                client.clone(),
-                Arc::clone(&plan),
-                index,
-                start,
+            tokio::spawn(failing_fast(
                 Arc::clone(&counters),
+                produce(
+                    client.clone(),
+                    Arc::clone(&plan),
+                    index,
+                    start,
+                    Arc::clone(&counters),
+                ),
             ))
         })
         .collect();
@@ -584,6 +590,20 @@ async fn measure(
         latency_max_us: histogram.max(),
         memory,
     })
+}
+
+/// Runs a producer's or consumer's `task` and, if it fails, tells the others at once (they
+/// check `counters.failed` and stop), so that the run ends with this error rather than with
+/// another task stalling until `STALL_TIMEOUT`.
+async fn failing_fast<T>(
+    counters: Arc<Counters>,
+    task: impl std::future::Future<Output = Result<T, BenchError>>,
+) -> Result<T, BenchError> {
+    let outcome = task.await;
+    if outcome.is_err() {
+        counters.failed.store(true, Ordering::Release);
+    }
+    outcome
 }
 
 /// Producer `index`: sends its share of the records, keyless (the client spreads them over the
@@ -878,6 +898,26 @@ mod tests {
         check(50_000, 1000, 50e6, 1000);
         check(25_000, 1000, 50e6, 500);
         check(1, 1_000_000, 1e6, 1000);
+    }
+
+    /// Guards that a failing producer or consumer stops the others at once (the flag they
+    /// poll), and that a task that succeeds does not.
+    #[test]
+    fn a_failing_task_raises_the_flag_the_others_stop_on() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let counters = Arc::new(Counters::default());
+        let ok = runtime.block_on(failing_fast(Arc::clone(&counters), async {
+            Ok::<u32, BenchError>(7)
+        }));
+        assert_eq!(ok.ok(), Some(7));
+        assert!(!counters.failed.load(Ordering::Acquire));
+        let failed = runtime.block_on(failing_fast(Arc::clone(&counters), async {
+            Err::<u32, BenchError>(BenchError::Task("consumer: boom".into()))
+        }));
+        assert!(failed.is_err());
+        assert!(counters.failed.load(Ordering::Acquire));
     }
 
     #[test]
