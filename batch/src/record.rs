@@ -88,7 +88,16 @@ pub fn decode_batch(batch: &Bytes) -> Result<(BatchHeader, Vec<Record>), BatchEr
 ///
 /// As `decode_batch`, for the first batch that fails.
 pub fn decode_batches(buf: &Bytes) -> Result<Vec<Record>, BatchError> {
-    let mut records = Vec::new();
+    // Sized once from the headers (bounded by what the bytes can hold), rather than grown batch
+    // by batch: growing moved every record decoded so far again at each doubling, about as many
+    // bytes as a consumer's fetch answer holds (perf: 14% of its copying).
+    let mut capacity = 0usize;
+    let mut at = 0;
+    while let Some(header) = buf.get(at..).and_then(|rest| BatchHeader::parse(rest).ok()) {
+        capacity += usize::try_from(header.record_count).unwrap_or(0);
+        at += header.size();
+    }
+    let mut records = Vec::with_capacity(capacity.min(buf.len() / RECORD_BYTES_MIN));
     let mut position = 0;
     while position < buf.len() {
         let header = BatchHeader::parse_verified(&buf[position..])?;
@@ -716,6 +725,27 @@ mod tests {
         for field in [key, value, header_value] {
             assert!(range.contains(&field.as_ptr()), "{field:?} was copied");
         }
+    }
+
+    #[test]
+    fn decode_batches_claiming_huge_record_counts_fail_without_reserving_for_them() {
+        // Guards the bound on the capacity decode_batches reserves from the headers: a header
+        // claiming i32::MAX records (consistent with its last offset delta, CRC not fixed) must
+        // not make it reserve for them (about 2^31 records would abort the process).
+        let mut builder = BatchBuilder::new();
+        builder.push(7, None, Some(&b"v"[..]), &[]);
+        let mut batch = builder.finish();
+        let huge = i32::MAX;
+        batch[crate::header::LAST_OFFSET_DELTA_POSITION..][..4]
+            .copy_from_slice(&(huge - 1).to_be_bytes());
+        batch[crate::header::RECORD_COUNT_POSITION..][..4].copy_from_slice(&huge.to_be_bytes());
+        let buf = Bytes::from(batch.to_vec());
+        assert_eq!(
+            BatchHeader::parse(&buf).map(|h| h.record_count).ok(),
+            Some(huge),
+            "the header must pass the cheap parse for this test to mean anything"
+        );
+        assert!(decode_batches(&buf).is_err());
     }
 
     #[test]

@@ -562,6 +562,7 @@ impl Consumer {
                 .as_ref()
                 .and_then(|g| g.redelivered_until.get(&data.partition).copied())
                 .unwrap_or(Offset(0));
+            self.buffered.reserve(records.len());
             for record in records {
                 let offset = record.offset as u64;
                 if offset < position.0 {
@@ -597,7 +598,8 @@ impl Consumer {
         if self.buffered.is_empty() {
             self.fill().await?;
         }
-        let records: Vec<ConsumerRecord> = self.buffered.drain(..).collect();
+        // The buffer itself becomes the answer (no record is moved unless it wrapped around).
+        let records = Vec::from(std::mem::take(&mut self.buffered));
         for record in &records {
             self.hand_out(record);
         }
