@@ -65,24 +65,33 @@ fn json_run_reports_every_key_and_all_records() {
     }
 }
 
-/// Guards `--replay`: consumers start only once every record is acknowledged, still receive
-/// every record, and no end-to-end latency is reported.
-#[test]
-fn replay_run_consumes_after_producing() {
-    let total_bytes = 2_000_000u64;
-    let message_bytes = 1024u64;
+/// Bytes and records of the two-consumer runs below.
+const SMALL_RUN_BYTES: u64 = 2_000_000;
+const SMALL_RUN_RECORDS: u64 = SMALL_RUN_BYTES / 1024;
+
+/// A run of `SMALL_RUN_BYTES` over 4 partitions with 2 consumers and `mode` (a flag), as JSON;
+/// asserts that it reports the mode and every record.
+fn two_consumer_run(mode: &str) -> serde_json::Value {
     let json = run_json(&[
         "--total-bytes",
-        &total_bytes.to_string(),
+        &SMALL_RUN_BYTES.to_string(),
         "--partitions",
         "4",
         "--consumers",
         "2",
-        "--replay",
+        mode,
         "--json",
     ]);
-    assert_eq!(json["replay"], true, "{json}");
-    assert_eq!(json["records"].as_u64(), Some(total_bytes / message_bytes));
+    assert_eq!(json[mode.trim_start_matches("--")], true, "{json}");
+    assert_eq!(json["records"].as_u64(), Some(SMALL_RUN_RECORDS), "{json}");
+    json
+}
+
+/// Guards `--replay`: consumers start only once every record is acknowledged, still receive
+/// every record, and no end-to-end latency is reported.
+#[test]
+fn replay_run_consumes_after_producing() {
+    let json = two_consumer_run("--replay");
     for key in ["produce_mb_s", "consume_mb_s"] {
         let value = json[key].as_f64().unwrap_or(0.0);
         assert!(value > 0.0, "{key} = {value} in {json}");
@@ -93,20 +102,7 @@ fn replay_run_consumes_after_producing() {
 /// Guards `--push`: consumers fed by `Subscribe` streams receive every record, with latency.
 #[test]
 fn push_run_receives_every_record() {
-    let total_bytes = 2_000_000u64;
-    let message_bytes = 1024u64;
-    let json = run_json(&[
-        "--total-bytes",
-        &total_bytes.to_string(),
-        "--partitions",
-        "4",
-        "--consumers",
-        "2",
-        "--push",
-        "--json",
-    ]);
-    assert_eq!(json["push"], true, "{json}");
-    assert_eq!(json["records"].as_u64(), Some(total_bytes / message_bytes));
+    let json = two_consumer_run("--push");
     assert!(json["latency_p50_us"].as_u64().unwrap_or(0) > 0, "{json}");
 }
 
