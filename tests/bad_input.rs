@@ -616,6 +616,140 @@ async fn oversized_records_are_refused() {
     assert_serving(&broker).await;
 }
 
+/// Guards `ProduceStream`: every request is answered once under its id, in order of appending;
+/// a bad request (unknown topic, partition named twice, batch too large) is answered with its
+/// error and the stream goes on; a request too large to read ends the stream, but its answer
+/// says which request and why. The producer over such a stream fails only that record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_stream_answers_bad_requests_and_goes_on() {
+    const BATCH_BYTES_MAX: u32 = 64 << 10;
+    let broker = TestBroker::start_with(|c| {
+        c.batch_bytes_max = BATCH_BYTES_MAX;
+        c.request_bytes_max = 2 * BATCH_BYTES_MAX as usize;
+    })
+    .await;
+    let client = broker.client().await;
+    client
+        .admin()
+        .create_topic("s", TopicOptions::new())
+        .await
+        .expect("create");
+    let batch = |records: usize, value_bytes: usize| {
+        let mut builder = BatchBuilder::new();
+        for _ in 0..records {
+            builder.push(0, None, Some(&vec![b's'; value_bytes]), &[]);
+        }
+        builder.finish().freeze()
+    };
+    let entry = |batches: Bytes| pb::PartitionBatches {
+        partition: 0,
+        batches,
+    };
+    let requests = vec![
+        ("s", vec![entry(batch(2, 10))]),
+        ("no-such-topic", vec![entry(batch(1, 10))]),
+        ("s", vec![entry(batch(1, 10)), entry(batch(1, 10))]),
+        ("s", vec![entry(batch(1, 100 << 10))]),
+        ("s", vec![entry(batch(2, 10))]),
+        // Over request_bytes_max: cannot be read.
+        ("s", vec![entry(batch(1, 200 << 10))]),
+    ];
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for (id, (topic, partitions)) in requests.into_iter().enumerate() {
+        tx.send(pb::ProduceStreamRequest {
+            request_id: id as u64,
+            topic: topic.into(),
+            partitions,
+        })
+        .expect("queued");
+    }
+    let mut rpc = broker.rpc().await;
+    let mut answers = within(
+        "the stream to open",
+        rpc.produce_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)),
+    )
+    .await
+    .expect("stream opens")
+    .into_inner();
+    let mut got = std::collections::BTreeMap::new();
+    let end = loop {
+        match within("an answer", answers.message()).await {
+            Ok(Some(answer)) => {
+                assert!(
+                    got.insert(answer.request_id, answer).is_none(),
+                    "answered twice"
+                );
+            }
+            Ok(None) => panic!("the stream must end with the refusal's status"),
+            Err(status) => break status,
+        }
+    };
+    drop(tx);
+    assert_eq!(end.code(), Code::ResourceExhausted, "{end:?}");
+    assert_eq!(got.keys().copied().collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5]);
+    let ok = |id: u64| {
+        let answer = &got[&id];
+        assert_eq!(answer.status_code, 0, "{answer:?}");
+        assert_eq!(answer.partitions.len(), 1, "{answer:?}");
+        assert_eq!(answer.partitions[0].error_code, 0, "{answer:?}");
+        answer.partitions[0].base_offset
+    };
+    assert_eq!(ok(0), 0);
+    assert_eq!(got[&1].status_code, Code::NotFound as i32);
+    assert!(
+        got[&1].status_message.contains("no-such-topic"),
+        "{:?}",
+        got[&1]
+    );
+    assert_eq!(got[&2].status_code, Code::InvalidArgument as i32);
+    assert!(
+        got[&2].status_message.contains("more than once"),
+        "{:?}",
+        got[&2]
+    );
+    assert_eq!(
+        got[&3].partitions[0].error_code,
+        pb::ErrorCode::BatchTooLarge as i32
+    );
+    // Appended right after request 0: the refused ones took no offsets.
+    assert_eq!(ok(4), 2);
+    assert_eq!(got[&5].status_code, Code::ResourceExhausted as i32);
+    assert!(
+        got[&5].status_message.contains("request_bytes_max"),
+        "{:?}",
+        got[&5]
+    );
+    assert_eq!(high_watermarks(&broker, "s").await, [4]);
+    assert_serving(&broker).await;
+
+    // The producer: the unreadable request fails alone; the next record gets the next offset.
+    let producer = client.producer().build().await.expect("producer");
+    let refused = producer
+        .send(ProducerRecord::new("s", vec![b'z'; 200 << 10]))
+        .await
+        .expect("queued");
+    let err = within("the refusal", refused)
+        .await
+        .expect_err("over request_bytes_max");
+    assert!(
+        matches!(
+            &err,
+            ClientError::Broker {
+                code: Code::ResourceExhausted,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let stored = producer
+        .send(ProducerRecord::new("s", "after"))
+        .await
+        .expect("queued");
+    let stored = within("the next record", stored).await.expect("stored");
+    assert_eq!(stored.offset(), Offset(4));
+    assert_serving(&broker).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_port_does_not_disturb_the_broker() {
     let broker = TestBroker::start().await;

@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{consume_all, value_text, within, BrokerProcess, TestBroker};
-use octolog_client::{Client, Delivery, Offset, Producer, ProducerRecord, StartAt, TopicOptions};
+use octolog_client::{
+    Client, ClientError, Delivery, Offset, Producer, ProducerRecord, StartAt, TopicOptions,
+};
+use octolog_proto::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -28,6 +31,8 @@ struct Proxy {
     swallow: Arc<AtomicBool>,
     /// Bytes of answers dropped while swallowing.
     swallowed_bytes: Arc<AtomicU64>,
+    /// Bytes of requests passed on to the broker.
+    forwarded_bytes: Arc<AtomicU64>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -39,12 +44,14 @@ impl Proxy {
         let upstream = Arc::new(Mutex::new(Some(upstream)));
         let swallow = Arc::new(AtomicBool::new(false));
         let swallowed_bytes = Arc::new(AtomicU64::new(0));
+        let forwarded_bytes = Arc::new(AtomicU64::new(0));
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::new(Mutex::new(Vec::new()));
         let accept = tokio::spawn({
-            let (upstream, swallow, swallowed_bytes, connections) = (
+            let (upstream, swallow, swallowed_bytes, forwarded_bytes, connections) = (
                 Arc::clone(&upstream),
                 Arc::clone(&swallow),
                 Arc::clone(&swallowed_bytes),
+                Arc::clone(&forwarded_bytes),
                 Arc::clone(&connections),
             );
             async move {
@@ -55,6 +62,7 @@ impl Proxy {
                         target,
                         Arc::clone(&swallow),
                         Arc::clone(&swallowed_bytes),
+                        Arc::clone(&forwarded_bytes),
                     ));
                     let mut connections = connections.lock().unwrap();
                     connections.retain(|c| !c.is_finished());
@@ -67,6 +75,7 @@ impl Proxy {
             upstream,
             swallow,
             swallowed_bytes,
+            forwarded_bytes,
             connections,
             accept,
         }
@@ -116,6 +125,7 @@ async fn relay(
     target: Option<String>,
     swallow: Arc<AtomicBool>,
     swallowed_bytes: Arc<AtomicU64>,
+    forwarded_bytes: Arc<AtomicU64>,
 ) {
     let Some(target) = target else {
         return;
@@ -125,7 +135,17 @@ async fn relay(
     };
     let (mut client_read, mut client_write) = client.into_split();
     let (mut broker_read, mut broker_write) = broker.into_split();
-    let requests = tokio::io::copy(&mut client_read, &mut broker_write);
+    let requests = async {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = client_read.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+            broker_write.write_all(&buf[..n]).await?;
+            forwarded_bytes.fetch_add(n as u64, Ordering::SeqCst);
+        }
+    };
     let answers = async {
         let mut buf = vec![0u8; 16 << 10];
         loop {
@@ -335,6 +355,84 @@ async fn kill9_in_the_middle_stores_each_record_once() {
         direct = Client::connect(broker.addr()).await.expect("connect");
         proxy.set_upstream(broker.addr());
         proxy.cut();
+    }
+    finish(sent, producer, &direct, topic).await;
+}
+
+/// Guards pipelining: with every answer held back, a partition's next requests still go out and
+/// are appended, in order, behind the unanswered ones (several requests in flight per
+/// partition); when the connection then drops, all of them are retried and each record is
+/// stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_behind_unanswered_ones_are_appended_in_order() {
+    let broker = TestBroker::start().await;
+    let direct = broker.client().await;
+    let topic = "idem.pipelined";
+    direct
+        .admin()
+        .create_topic(topic, TopicOptions::new().partitions(2))
+        .await
+        .expect("create");
+    let proxy = Proxy::start(broker.addr()).await;
+    let producer = producer(&proxy).await;
+    let mut sent = Sent::default();
+    // The first send learns the topic's partition count; its answer must come through.
+    sent.send(&producer, topic, 0, "before".to_string()).await;
+    wait_for_append(&direct, topic, 0, Offset(0)).await;
+    proxy.swallow_answers();
+    // Each record is a request of its own (the previous one is on the broker already), and
+    // stays unanswered; 4 stay within the 5 batches a partition may have in flight.
+    for i in 1..5u64 {
+        sent.send(&producer, topic, 0, format!("pipelined-{i}"))
+            .await;
+        wait_for_append(&direct, topic, 0, Offset(i)).await;
+    }
+    proxy.cut();
+    finish(sent, producer, &direct, topic).await;
+}
+
+/// Guards the order when a request fails for good while later requests of its partition are in
+/// flight: they are refused as out of order, then sent again under a new producer id, in order,
+/// and stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_behind_a_refused_one_keep_their_order() {
+    let broker = TestBroker::start().await;
+    let direct = broker.client().await;
+    let topic = "idem.refused";
+    direct
+        .admin()
+        .create_topic(topic, TopicOptions::new().partitions(2))
+        .await
+        .expect("create");
+    let proxy = Proxy::start(broker.addr()).await;
+    let producer = producer(&proxy).await;
+    let mut sent = Sent::default();
+    sent.send(&producer, topic, 0, "before".to_string()).await;
+    wait_for_append(&direct, topic, 0, Offset(0)).await;
+    proxy.swallow_answers();
+    let forwarded = proxy.forwarded_bytes.load(Ordering::SeqCst);
+    // Over the broker's batch_bytes_max (1 MiB), within its request size limit.
+    let large = vec![7u8; 2 << 20];
+    let refused = producer
+        .send(ProducerRecord::new(topic, large).partition(0))
+        .await
+        .expect("send");
+    // On its way before the next records are queued, so they go in requests behind it.
+    within("the large request to go out", async {
+        while proxy.forwarded_bytes.load(Ordering::SeqCst) < forwarded + (2 << 20) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    for i in 0..3 {
+        sent.send(&producer, topic, 0, format!("after-{i}")).await;
+    }
+    proxy.cut();
+    match within("the refusal", refused).await {
+        Err(ClientError::Partition { code, .. }) => {
+            assert_eq!(code, pb::ErrorCode::BatchTooLarge as i32)
+        }
+        other => panic!("a batch over batch_bytes_max must be refused, got {other:?}"),
     }
     finish(sent, producer, &direct, topic).await;
 }

@@ -21,6 +21,9 @@ const BATCH_FRAMING_BYTES: usize = 4096;
 pub const TASKS_MAX: usize = 1024;
 /// Largest `--linger-ms`: a minute.
 pub const LINGER_MS_MAX: u64 = 60_000;
+/// Largest `--in-flight`: more only buys memory (an idempotent producer keeps at most 5 batches
+/// of a partition in flight anyway).
+pub const IN_FLIGHT_MAX: usize = 100;
 
 /// The command line, as typed.
 #[derive(Debug, Clone, Parser)]
@@ -64,9 +67,13 @@ pub struct Args {
     pub rate: Option<f64>,
     /// How long a producer batch waits for more records before it is sent (the producer's
     /// `linger`; Kafka's `linger.ms`), at most 60000. 0 sends a batch as soon as its partition
-    /// has no request in flight: the setting for latency at moderate load.
+    /// may send another request (see --in-flight): the setting for latency at moderate load.
     #[arg(long, default_value_t = 5)]
     pub linger_ms: u64,
+    /// Most produce requests in flight per partition (the producer's `in_flight_max`; Kafka's
+    /// `max.in.flight.requests.per.connection`), 1 to 100.
+    #[arg(long, default_value_t = 5)]
+    pub in_flight: usize,
     /// Bytes at the start of the run left out of the latency figures (split evenly over the
     /// producers). Default: 10% of --total-bytes.
     #[arg(long, value_parser = parse_bytes)]
@@ -118,6 +125,8 @@ pub struct Plan {
     pub rate_bytes_per_s: Option<f64>,
     /// The producers' linger.
     pub linger: Duration,
+    /// The producers' `in_flight_max`.
+    pub in_flight: usize,
     /// Topic name.
     pub topic: String,
     /// Consumers are pushed records instead of fetching them (`--push`).
@@ -245,6 +254,9 @@ impl Args {
         if self.linger_ms > LINGER_MS_MAX {
             return Err(format!("--linger-ms must be at most {LINGER_MS_MAX}"));
         }
+        if !(1..=IN_FLIGHT_MAX).contains(&self.in_flight) {
+            return Err(format!("--in-flight must be in 1..={IN_FLIGHT_MAX}"));
+        }
         let warmup_bytes = self.warmup_bytes.unwrap_or(self.total_bytes / 10);
         if warmup_bytes >= self.total_bytes {
             return Err("--warmup-bytes must be smaller than --total-bytes".into());
@@ -272,6 +284,7 @@ impl Args {
             warmup_records_per_producer,
             rate_bytes_per_s,
             linger: Duration::from_millis(self.linger_ms),
+            in_flight: self.in_flight,
             topic,
             push: self.push,
             replay: self.replay,
@@ -363,6 +376,8 @@ mod tests {
             &["--batch-records", "0"],
             &["--message-bytes", "1MiB"],
             &["--fsync", "sometimes"],
+            &["--in-flight", "0"],
+            &["--in-flight", "101"],
             &["--rate", "0"],
             &["--linger-ms", "60001"],
             &["--linger-ms", "-1"],

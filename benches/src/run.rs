@@ -103,6 +103,8 @@ pub struct Report {
     pub rate_mb_s: Option<f64>,
     /// The producers' linger, ms.
     pub linger_ms: u64,
+    /// The producers' most requests in flight per partition.
+    pub in_flight: usize,
     /// Seconds from the start until every record was acknowledged.
     pub produce_secs: f64,
     /// Seconds from the start until the last record was received; with `replay`, from the
@@ -182,6 +184,7 @@ impl Report {
             "broker": self.broker,
             "rate_mb_s": self.rate_mb_s,
             "linger_ms": self.linger_ms,
+            "in_flight": self.in_flight,
             "produce_secs": round(self.produce_secs),
             "consume_secs": round(self.consume_secs),
             "push": self.push,
@@ -273,7 +276,7 @@ impl Report {
         };
         format!(
             "octolog-bench: {records} records of {message} bytes ({mb:.1} MB; MB = 10^6 bytes), \
-             {partitions} partitions, {producers} producer(s) (linger {linger} ms), {consumers}, {rate}\n\
+             {partitions} partitions, {producers} producer(s) (linger {linger} ms, {in_flight} in flight), {consumers}, {rate}\n\
              broker: {broker}; fsync: {fsync}\n\
              produce: {pmb:.1} MB/s, {prec:.0} records/s ({psecs:.2} s until all acknowledged)\n\
              consume: {cmb:.1} MB/s, {crec:.0} records/s ({csecs:.2} s {consume_from})\n\
@@ -284,6 +287,7 @@ impl Report {
             partitions = self.partitions,
             producers = self.producers,
             linger = self.linger_ms,
+            in_flight = self.in_flight,
             broker = self.broker,
             fsync = self.fsync,
             pmb = self.produce_mb_s(),
@@ -578,6 +582,7 @@ async fn measure(
         broker,
         rate_mb_s: plan.rate_bytes_per_s.map(|r| r / 1e6),
         linger_ms: plan.linger.as_millis() as u64,
+        in_flight: plan.in_flight,
         produce_secs,
         consume_secs,
         push: plan.push,
@@ -618,6 +623,7 @@ async fn produce(
     let producer = client
         .producer()
         .linger(plan.linger)
+        .in_flight_max(plan.in_flight)
         .batch_bytes(plan.batch_bytes)
         .build()
         .await
@@ -936,6 +942,7 @@ mod tests {
             broker: "in-process".into(),
             rate_mb_s: None,
             linger_ms: 5,
+            in_flight: 5,
             produce_secs: 0.5,
             consume_secs: 1.0,
             push: false,
@@ -970,6 +977,7 @@ mod tests {
         assert_eq!(json["consume_records_s"].as_f64(), Some(1000.0));
         assert_eq!(json["fsync"], "never");
         assert_eq!(json["linger_ms"], 5);
+        assert_eq!(json["in_flight"], 5);
         assert!(json.get("rss_anon_peak_mb").is_none());
         assert!(report.to_text().contains("p99.9 30 us"));
 

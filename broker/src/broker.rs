@@ -63,6 +63,35 @@ pub struct ProduceRecord {
 }
 
 /// One partition of a fetch request.
+/// A produce appended in order whose acknowledgement is pending; see
+/// `Broker::produce_batches_ordered`.
+#[derive(Debug)]
+#[must_use = "the produce is acknowledged only once `complete` returns"]
+pub struct PendingProduce {
+    topic: Arc<Topic>,
+    pending: crate::partition::PendingAppend,
+}
+
+impl PendingProduce {
+    /// Whether `complete` waits for an fsync (flush policy `always`); otherwise it returns at
+    /// once.
+    pub fn waits_for_fsync(&self) -> bool {
+        self.pending.waits_for_fsync()
+    }
+
+    /// Waits until the records are durable (flush policy `always`), wakes readers, and returns
+    /// the offsets given.
+    ///
+    /// # Errors
+    ///
+    /// `Storage` if the fsync failed.
+    pub async fn complete(self) -> Result<octolog_storage::AppendInfo> {
+        let info = self.pending.complete().await?;
+        self.topic.notify_appended();
+        Ok(info)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchPartition {
     /// Partition number.
@@ -422,6 +451,25 @@ impl Broker {
         let info = topic.partition(partition)?.append(batches).await?;
         topic.notify_appended();
         Ok(info)
+    }
+
+    /// Appends v2 batches to a partition at once, in the caller's order, and returns the append
+    /// still to complete (durability under flush policy `always`, waking readers); see
+    /// `Partition::append_ordered`.
+    ///
+    /// # Errors
+    ///
+    /// As `produce_batches`; nothing is appended then.
+    pub fn produce_batches_ordered(
+        &self,
+        topic: &str,
+        partition: u32,
+        batches: BytesMut,
+    ) -> Result<PendingProduce> {
+        self.check_running()?;
+        let topic = self.topic(topic)?;
+        let pending = topic.partition(partition)?.append_ordered(batches)?;
+        Ok(PendingProduce { topic, pending })
     }
 
     /// Appends records (the simple path): to `partition` if given, else each record by key hash,

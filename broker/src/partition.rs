@@ -123,6 +123,41 @@ impl Partition {
         &self.log
     }
 
+    /// Appends v2 batches (back to back) at once, on the caller's thread, without waiting for an
+    /// fsync, and returns the append still to complete: [`PendingAppend::complete`] waits until
+    /// the records are durable (flush policy `always`) and wakes readers. For streams whose
+    /// requests must be appended in the order they arrive (`ProduceStream`): the next request is
+    /// appended while this one waits for its fsync, and both share it (group commit). Checked
+    /// as [`Partition::append`] checks.
+    ///
+    /// # Errors
+    ///
+    /// As [`Partition::append`]; nothing is appended then.
+    pub fn append_ordered(self: &Arc<Self>, mut batches: BytesMut) -> Result<PendingAppend> {
+        let size = batches.len() as u64;
+        let (info, fresh) = append_checked(
+            &self.log,
+            &self.producers,
+            &mut batches,
+            &self.topic,
+            self.id,
+        )?;
+        Ok(PendingAppend {
+            partition: Arc::clone(self),
+            info,
+            fresh,
+            size,
+        })
+    }
+
+    /// What an append that stored new records does once they are durable: count them toward the
+    /// next snapshot and wake readers.
+    fn appended(&self, size: u64) {
+        self.bytes_since_snapshot.fetch_add(size, Ordering::Relaxed);
+        self.snapshot_stale.store(true, Ordering::SeqCst);
+        self.appended.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Appends v2 batches (back to back); returns the offsets given. Idempotent batches are
     /// checked first (see `producer_state.rs`): a retried entry appends nothing and returns the
     /// original offsets.
@@ -362,6 +397,50 @@ fn append_checked(
             };
             Ok((info, false))
         }
+    }
+}
+
+/// An append in the log whose records may not be durable yet; see [`Partition::append_ordered`].
+#[derive(Debug)]
+#[must_use = "the append is acknowledged only once `complete` returns"]
+pub struct PendingAppend {
+    partition: Arc<Partition>,
+    info: AppendInfo,
+    /// Whether new records were stored (not a retried duplicate).
+    fresh: bool,
+    size: u64,
+}
+
+impl PendingAppend {
+    /// Whether `complete` waits for an fsync (flush policy `always`).
+    pub fn waits_for_fsync(&self) -> bool {
+        self.partition.log.config().flush == FlushPolicy::Always
+    }
+
+    /// Waits until the records are durable (flush policy `always`, sharing the fsync with
+    /// concurrent appenders, on a blocking thread that finishes even if this future is dropped),
+    /// then wakes readers; returns the offsets given.
+    ///
+    /// # Errors
+    ///
+    /// `Storage` if the fsync failed: the records are in the log but not known to be durable.
+    pub async fn complete(self) -> Result<AppendInfo> {
+        if self.waits_for_fsync() {
+            tokio::task::spawn_blocking(move || self.finish())
+                .await
+                .map_err(|e| BrokerError::InvalidRequest(format!("append task failed: {e}")))?
+        } else {
+            self.finish()
+        }
+    }
+
+    fn finish(self) -> Result<AppendInfo> {
+        let p = &self.partition;
+        wait_durable(&p.log, &self.info, &p.topic, p.id)?;
+        if self.fresh {
+            p.appended(self.size);
+        }
+        Ok(self.info)
     }
 }
 

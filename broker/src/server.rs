@@ -90,6 +90,11 @@ impl AsyncWrite for LimitedStream {
 /// How tonic's message starts when a request exceeds `max_decoding_message_size`.
 const DECODE_LIMIT_MESSAGE: &str = "Error, decoded message length too large";
 
+/// Whether tonic refused a message for exceeding `max_decoding_message_size`.
+pub(crate) fn is_oversize(status: &Status) -> bool {
+    status.code() == Code::OutOfRange && status.message().starts_with(DECODE_LIMIT_MESSAGE)
+}
+
 /// Answers a request larger than `request_bytes_max` with `RESOURCE_EXHAUSTED`, as the API
 /// promises for requests over the broker's size limits (and as grpc-go and grpc-java do), where
 /// tonic says `OUT_OF_RANGE`, which the API reserves for offsets outside a log.
@@ -118,9 +123,7 @@ where
         Box::pin(async move {
             let mut response = response.await?;
             // A request refused before it reached the service answers with headers only.
-            let refused = Status::from_header_map(response.headers()).filter(|s| {
-                s.code() == Code::OutOfRange && s.message().starts_with(DECODE_LIMIT_MESSAGE)
-            });
+            let refused = Status::from_header_map(response.headers()).filter(is_oversize);
             if let Some(status) = refused {
                 let exhausted = Status::resource_exhausted(format!(
                     "the request exceeds the broker's request_bytes_max: {}; send smaller requests",

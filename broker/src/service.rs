@@ -14,7 +14,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::broker::{
-    Broker, FetchPartition, FetchRequest, OffsetSpec, ProduceRecord, TopicDescription,
+    Broker, FetchPartition, FetchRequest, OffsetSpec, PendingProduce, ProduceRecord,
+    TopicDescription,
 };
 use crate::error::BrokerError;
 use crate::partition::Partition;
@@ -22,6 +23,10 @@ use crate::partition::Partition;
 /// Messages queued per push subscription before the subscription waits for the client (gRPC flow
 /// control does the rest).
 pub const SUBSCRIPTION_QUEUE_DEPTH: usize = 4;
+
+/// Answers queued per produce stream before the broker stops reading the stream's requests (the
+/// client is not taking its answers).
+pub const PRODUCE_STREAM_QUEUE_DEPTH: usize = 64;
 
 /// The gRPC status for a domain error.
 pub fn status(error: BrokerError) -> Status {
@@ -165,6 +170,77 @@ fn partition_data(
 }
 
 /// Refuses a request that names a partition more than once.
+/// The log rewrites base offsets in place: takes the buffer if we own it, else copies it.
+fn owned(batches: bytes::Bytes) -> BytesMut {
+    batches
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
+}
+
+/// The result of one partition's part of a produce request.
+fn produce_result(
+    partition: u32,
+    result: Result<octolog_storage::AppendInfo, BrokerError>,
+) -> pb::PartitionProduceResult {
+    match result {
+        Ok(info) => pb::PartitionProduceResult {
+            partition,
+            base_offset: info.first_offset.0,
+            log_end_offset: info.log_end_offset.0,
+            ..Default::default()
+        },
+        Err(e) => pb::PartitionProduceResult {
+            partition,
+            error_code: error_code(&e) as i32,
+            error_message: e.to_string(),
+            ..Default::default()
+        },
+    }
+}
+
+/// Appends one `ProduceStream` request's partitions at once, in order. A failure of the request
+/// as a whole (unknown topic, malformed, shutting down before anything was appended) is a
+/// status; otherwise each partition's append, pending or failed.
+fn begin_stream_produce(
+    broker: &Broker,
+    r: pb::ProduceStreamRequest,
+) -> Result<Vec<(u32, Result<PendingProduce, BrokerError>)>, Status> {
+    broker.topic(&r.topic).map_err(status)?;
+    check_distinct(r.partitions.iter().map(|p| p.partition))?;
+    let mut appends = Vec::with_capacity(r.partitions.len());
+    for p in r.partitions {
+        let result = broker.produce_batches_ordered(&r.topic, p.partition, owned(p.batches));
+        if appends.is_empty() {
+            if let Err(BrokerError::ShuttingDown) = result {
+                return Err(status(BrokerError::ShuttingDown));
+            }
+        }
+        appends.push((p.partition, result));
+    }
+    Ok(appends)
+}
+
+/// Completes a `ProduceStream` request's appends (waiting for their fsync under flush policy
+/// `always`) and builds its answer.
+async fn complete_stream_produce(
+    request_id: u64,
+    appends: Vec<(u32, Result<PendingProduce, BrokerError>)>,
+) -> pb::ProduceStreamResponse {
+    let mut partitions = Vec::with_capacity(appends.len());
+    for (partition, append) in appends {
+        let result = match append {
+            Ok(pending) => pending.complete().await,
+            Err(e) => Err(e),
+        };
+        partitions.push(produce_result(partition, result));
+    }
+    pb::ProduceStreamResponse {
+        request_id,
+        partitions,
+        ..Default::default()
+    }
+}
+
 fn check_distinct(partitions: impl IntoIterator<Item = u32>) -> Result<(), Status> {
     let mut seen = std::collections::HashSet::new();
     for partition in partitions {
@@ -308,35 +384,18 @@ impl Octolog for OctologService {
         check_distinct(r.partitions.iter().map(|p| p.partition))?;
         let mut results = Vec::with_capacity(r.partitions.len());
         for p in r.partitions {
-            // The log rewrites base offsets in place: take the buffer if we own it, else copy.
-            let batches = p
-                .batches
-                .try_into_mut()
-                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-            let result = match self
+            let result = self
                 .broker
-                .produce_batches(&r.topic, p.partition, batches)
-                .await
-            {
-                Ok(info) => pb::PartitionProduceResult {
-                    partition: p.partition,
-                    base_offset: info.first_offset.0,
-                    log_end_offset: info.log_end_offset.0,
-                    ..Default::default()
-                },
-                // Nothing appended yet: fail the request as a whole. Later, report it per
-                // partition, since earlier partitions of the request were appended.
-                Err(BrokerError::ShuttingDown) if results.is_empty() => {
-                    return Err(status(BrokerError::ShuttingDown))
+                .produce_batches(&r.topic, p.partition, owned(p.batches))
+                .await;
+            // Nothing appended yet: fail the request as a whole. Later, report it per
+            // partition, since earlier partitions of the request were appended.
+            if results.is_empty() {
+                if let Err(BrokerError::ShuttingDown) = result {
+                    return Err(status(BrokerError::ShuttingDown));
                 }
-                Err(e) => pb::PartitionProduceResult {
-                    partition: p.partition,
-                    error_code: error_code(&e) as i32,
-                    error_message: e.to_string(),
-                    ..Default::default()
-                },
-            };
-            results.push(result);
+            }
+            results.push(produce_result(p.partition, result));
         }
         Ok(Response::new(pb::ProduceBatchesResponse {
             partitions: results,
@@ -446,6 +505,92 @@ impl Octolog for OctologService {
             producer_id,
             producer_epoch: i32::from(producer_epoch),
         }))
+    }
+
+    type ProduceStreamStream = ReceiverStream<Result<pb::ProduceStreamResponse, Status>>;
+
+    async fn produce_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::ProduceStreamRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(PRODUCE_STREAM_QUEUE_DEPTH);
+        let broker = Arc::clone(&self.broker);
+        let mut shutdown = broker.watch_shutdown();
+        // One task reads the stream and appends each request before it reads the next: that is
+        // the order guarantee. Answers that wait for an fsync are sent by tasks of their own, so
+        // the next request is appended meanwhile and shares the fsync.
+        tokio::spawn(async move {
+            // The id the next request should have (they count up from 0).
+            let mut next_id = 0u64;
+            loop {
+                let message = tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|down| *down) => {
+                        let _ = tx.try_send(Err(Status::unavailable("the broker is shutting down")));
+                        return;
+                    }
+                    message = inbound.message() => message,
+                };
+                let r = match message {
+                    Ok(Some(r)) => r,
+                    // The client is done sending; answers still waiting are sent by their tasks.
+                    Ok(None) => return,
+                    Err(e) if crate::server::is_oversize(&e) => {
+                        // The stream cannot go on past a message it could not read, but the
+                        // client learns which request was refused and why.
+                        let refused = Status::resource_exhausted(format!(
+                            "the request exceeds the broker's request_bytes_max: {}; send smaller requests",
+                            e.message()
+                        ));
+                        let answer = pb::ProduceStreamResponse {
+                            request_id: next_id,
+                            status_code: refused.code() as i32,
+                            status_message: refused.message().to_string(),
+                            partitions: Vec::new(),
+                        };
+                        if tx.send(Ok(answer)).await.is_ok() {
+                            let _ = tx.send(Err(refused)).await;
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "produce stream broken");
+                        return;
+                    }
+                };
+                let request_id = r.request_id;
+                next_id = request_id.wrapping_add(1);
+                let answer = match begin_stream_produce(&broker, r) {
+                    Err(failed) => pb::ProduceStreamResponse {
+                        request_id,
+                        status_code: failed.code() as i32,
+                        status_message: failed.message().to_string(),
+                        partitions: Vec::new(),
+                    },
+                    Ok(appends) => {
+                        if appends
+                            .iter()
+                            .any(|(_, a)| a.as_ref().is_ok_and(PendingProduce::waits_for_fsync))
+                        {
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                let answer = complete_stream_produce(request_id, appends).await;
+                                let _ = tx.send(Ok(answer)).await;
+                            });
+                            continue;
+                        }
+                        complete_stream_produce(request_id, appends).await
+                    }
+                };
+                // A full queue is the client not reading its answers: stop reading its
+                // requests until it does.
+                if tx.send(Ok(answer)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;

@@ -37,6 +37,7 @@ mod error;
 mod group_admin;
 mod membership;
 mod partitioner;
+mod produce_stream;
 mod producer;
 
 pub use crate::admin::{Admin, OffsetSpec, PartitionInfo, TopicInfo, TopicOptions};

@@ -4,8 +4,10 @@
 //! per-record allocation beyond the caller's buffers) and returns a [`Delivery`], a future that
 //! resolves to the record's offset once the broker has acknowledged its batch. A background
 //! sender task closes a batch when it reaches `batch_bytes` or has lingered `linger`, and sends
-//! it. Each partition has at most one request in flight, so records of a partition are appended
-//! in the order they were sent; different partitions are sent concurrently (pipelining).
+//! it. Requests go out on one `ProduceStream`, which the broker appends in the order they were
+//! submitted, so a partition can have several requests in flight (`in_flight_max`, default 5)
+//! and its records are still appended in the order they were sent; different partitions are
+//! sent concurrently too (pipelining).
 //!
 //! Idempotence (the default; [`ProducerBuilder::idempotent`]): on start the producer asks the
 //! broker for a producer id and epoch (`InitProducerId`). When a batch is first sent it is
@@ -14,19 +16,22 @@
 //! transient way (connection lost, `UNAVAILABLE`, no answer within `request_timeout`) is sent
 //! again with the same bytes, up to `retries_max` times, `retry_backoff` apart, within
 //! `delivery_timeout`; if the broker had appended it, it answers with the original offsets. At
-//! most `IDEMPOTENT_BATCHES_PER_REQUEST_MAX` (5) batches of a partition go in one request, the
-//! number the broker remembers. When a batch fails for good, the sequence of its partition has
-//! a hole, so the producer asks for a new producer id before stamping the next batch; when the
-//! broker has lost the producer's state (`UNKNOWN_PRODUCER_ID`), the batch is stamped afresh
-//! with a new id and sent again. Without idempotence, batches carry no producer id and nothing
-//! is retried.
+//! most `IDEMPOTENT_BATCHES_IN_FLIGHT_MAX` (5) batches of a partition are in flight, the number
+//! the broker remembers. When a batch fails for good, the sequence of its partition has a hole,
+//! so the producer asks for a new producer id before stamping the next batch; when the broker
+//! has lost the producer's state (`UNKNOWN_PRODUCER_ID`), the batch is stamped afresh with a new
+//! id and sent again. A request retried, or refused as out of order behind earlier requests
+//! that failed, is sent again only once every earlier request of its partition has settled, and
+//! the partition sends nothing new meanwhile, so retries keep the order (as Kafka's producer
+//! does with `max.in.flight.requests.per.connection` up to 5). Without idempotence, batches
+//! carry no producer id and nothing is retried.
 //!
 //! Memory is bounded: `send` first reserves the record's size from a `buffer_bytes` budget and
 //! waits when it is spent (back-pressure); the budget comes back when the batch is acknowledged.
 //!
 //! Batch state machine, per partition:
 //! - *open*: takes records; closed when full, when it has lingered, on `flush`, or on close.
-//! - *ready*: closed, queued behind the partition's request in flight.
+//! - *ready*: closed, queued until the partition may send another request.
 //! - *in flight*: stamped (idempotent) and sent; on the broker's answer every record's
 //!   `Delivery` resolves, and the next ready batches of the partition go out. A transient
 //!   failure sends the same bytes again (idempotent only), until `retries_max` or
@@ -35,7 +40,7 @@
 //! Thread-safety: `Producer` is `Clone + Send + Sync`; clones share the batches and the sender.
 //! Dropping the last clone lets the sender send what is pending and stop; it never blocks.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,6 +55,7 @@ use tokio::time::Instant;
 
 use crate::error::{ClientError, Result};
 use crate::partitioner::partition_for_key;
+use crate::produce_stream::ProduceStreams;
 use crate::Client;
 
 /// Largest `buffer_bytes`: permits of a tokio semaphore are counted in `u32` per acquisition.
@@ -58,9 +64,12 @@ const BUFFER_BYTES_MAX: usize = u32::MAX as usize;
 const BATCH_BYTES_LIMIT: usize = 1 << 30;
 /// Most bytes of batches one produce request carries for a partition.
 const REQUEST_BYTES_MAX: usize = 8 << 20;
-/// Most batches of a partition in one request of an idempotent producer: the broker remembers a
-/// producer's last 5 batches per partition, so a retry of up to 5 is recognised whole.
-const IDEMPOTENT_BATCHES_PER_REQUEST_MAX: usize = 5;
+/// Most batches of a partition in flight (in all its requests) for an idempotent producer: the
+/// broker remembers a producer's last 5 batches per partition, so any of them sent again is
+/// recognised as a retry.
+const IDEMPOTENT_BATCHES_IN_FLIGHT_MAX: usize = 5;
+/// Default most requests in flight per partition (Kafka's `max.in.flight.requests.per.connection`).
+const IN_FLIGHT_DEFAULT: usize = 5;
 
 /// A record to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,6 +211,7 @@ pub struct ProducerBuilder {
     batch_bytes: usize,
     buffer_bytes: usize,
     idempotent: bool,
+    in_flight_max: usize,
     retries_max: u32,
     retry_backoff: Duration,
     request_timeout: Duration,
@@ -216,6 +226,7 @@ impl ProducerBuilder {
             batch_bytes: 256 << 10,
             buffer_bytes: 64 << 20,
             idempotent: true,
+            in_flight_max: IN_FLIGHT_DEFAULT,
             retries_max: 100,
             retry_backoff: Duration::from_millis(100),
             request_timeout: Duration::from_secs(30),
@@ -228,6 +239,16 @@ impl ProducerBuilder {
     /// failed requests are not retried (a retry could store records twice).
     pub fn idempotent(mut self, idempotent: bool) -> Self {
         self.idempotent = idempotent;
+        self
+    }
+
+    /// Most requests in flight per partition: a partition's next batches are sent while earlier
+    /// requests wait for their answer, and the broker still appends them in order. An idempotent
+    /// producer also keeps at most 5 batches of a partition in flight (the broker recognises a
+    /// retry among a producer's last 5 batches). Default 5; 1 sends a partition's next request
+    /// only once the previous one is answered.
+    pub fn in_flight_max(mut self, in_flight_max: usize) -> Self {
+        self.in_flight_max = in_flight_max;
         self
     }
 
@@ -296,12 +317,18 @@ impl ProducerBuilder {
                 "batch_bytes and buffer_bytes must be in 1..={BUFFER_BYTES_MAX}"
             )));
         }
+        if self.in_flight_max == 0 {
+            return Err(ClientError::InvalidArgument(
+                "in_flight_max must be at least 1".into(),
+            ));
+        }
         if self.batch_bytes > BATCH_BYTES_LIMIT {
             return Err(ClientError::InvalidArgument(format!(
                 "batch_bytes must be at most {BATCH_BYTES_LIMIT}"
             )));
         }
         let shared = Arc::new(Shared {
+            streams: ProduceStreams::new(self.client.clone()),
             client: self.client,
             linger: self.linger,
             batch_bytes: self.batch_bytes,
@@ -313,6 +340,7 @@ impl ProducerBuilder {
             closed: AtomicBool::new(false),
             partition_counts: Mutex::new(HashMap::new()),
             idempotent: self.idempotent,
+            in_flight_max: self.in_flight_max,
             retries_max: self.retries_max,
             retry_backoff: self.retry_backoff,
             request_timeout: self.request_timeout,
@@ -356,12 +384,37 @@ struct ReadyBatch {
 struct PartitionQueue {
     open: Option<OpenBatch>,
     ready: VecDeque<ReadyBatch>,
-    in_flight: bool,
+    /// Requests sent and not settled.
+    in_flight: usize,
+    /// Batches in those requests.
+    in_flight_batches: usize,
+    /// Requests of this partition being retried: while any is, no new request is sent, so that
+    /// the retries go out (and are stamped) before anything sent after them.
+    recovering: usize,
+    /// The ticket the next request gets: tickets number a partition's requests in the order the
+    /// sender formed them, which is also the order of their sequences and of their first
+    /// submission on the produce stream.
+    next_ticket: u64,
+    /// The ticket whose turn it is to be stamped and submitted for the first time.
+    submit_turn: u64,
+    /// Tickets of requests not settled yet (answered, or failed for good).
+    unsettled: BTreeSet<u64>,
+    /// Woken when `submit_turn` moves on or a request settles.
+    progress: Arc<Notify>,
     /// The sequence the next batch stamped for this partition starts with, under the producer
     /// identity of generation `sequence_generation` (a new identity starts again at 0).
     next_sequence: i32,
     /// Which identity `next_sequence` counts for.
     sequence_generation: u64,
+}
+
+impl PartitionQueue {
+    /// Whether another request can be sent for this partition now.
+    fn can_send(&self, in_flight_max: usize, idempotent: bool) -> bool {
+        self.recovering == 0
+            && self.in_flight < in_flight_max
+            && !(idempotent && self.in_flight_batches >= IDEMPOTENT_BATCHES_IN_FLIGHT_MAX)
+    }
 }
 
 /// An idempotent producer's identity, as the broker gave it.
@@ -410,6 +463,10 @@ struct Shared {
     partition_counts: Mutex<HashMap<String, u32>>,
     /// Whether batches are stamped and retried (see the module documentation).
     idempotent: bool,
+    /// Most requests in flight per partition.
+    in_flight_max: usize,
+    /// The stream requests go out on.
+    streams: ProduceStreams,
     /// Most retries of one request.
     retries_max: u32,
     /// Pause before a retry.
@@ -526,6 +583,11 @@ fn is_transient(error: &ClientError) -> bool {
         ),
         _ => false,
     }
+}
+
+/// Whether the broker refused a batch as out of order (a sequence gap).
+fn is_out_of_order(error: &ClientError) -> bool {
+    matches!(error, ClientError::Partition { code, .. } if *code == pb::ErrorCode::OutOfOrderSequence as i32)
 }
 
 /// Whether the broker refused a batch because it has no state for the producer.
@@ -747,11 +809,16 @@ fn close_open_batch(queue: &mut PartitionQueue) {
 struct Dispatch {
     topic: Arc<str>,
     partition: u32,
+    /// The request's place among its partition's requests (see `PartitionQueue::next_ticket`).
+    ticket: u64,
+    /// The partition queue's `progress`.
+    progress: Arc<Notify>,
     batches: Vec<ReadyBatch>,
 }
 
-/// The sender task: closes lingering batches and sends ready ones, one request in flight per
-/// partition. Ends when the producer is closed and nothing is outstanding.
+/// The sender task: closes lingering batches and sends ready ones, up to `in_flight_max`
+/// requests in flight per partition. Ends when the producer is closed and nothing is
+/// outstanding.
 async fn sender(shared: Arc<Shared>) {
     loop {
         let wake = shared.wake.notified();
@@ -765,38 +832,51 @@ async fn sender(shared: Arc<Shared>) {
             let close_all = state.flushing > 0 || closing;
             let now = Instant::now();
             for ((topic, partition), queue) in state.queues.iter_mut() {
+                let can_send = queue.can_send(shared.in_flight_max, shared.idempotent);
                 if let Some(open) = &queue.open {
                     // A batch that has lingered long enough stays open, taking more records,
-                    // while its partition has a request in flight: it could not leave before
-                    // that request is answered anyway (which wakes this task), and closing it
-                    // would only split the waiting records into many small batches (as Kafka's
+                    // while its partition cannot send another request: it could not leave
+                    // before an answer anyway (which wakes this task), and closing it would
+                    // only split the waiting records into many small batches (as Kafka's
                     // accumulator, which drains a lingered batch when it can be sent).
                     let deadline = open.opened + shared.linger;
-                    if close_all || (deadline <= now && !queue.in_flight) {
+                    if close_all || (deadline <= now && can_send) {
                         close_open_batch(queue);
-                    } else if !queue.in_flight {
+                    } else if can_send {
                         next_deadline =
                             Some(next_deadline.map_or(deadline, |d: Instant| d.min(deadline)));
                     }
                 }
-                if !queue.in_flight && !queue.ready.is_empty() {
+                while !queue.ready.is_empty()
+                    && queue.can_send(shared.in_flight_max, shared.idempotent)
+                {
+                    let batches_max = if shared.idempotent {
+                        IDEMPOTENT_BATCHES_IN_FLIGHT_MAX - queue.in_flight_batches
+                    } else {
+                        usize::MAX
+                    };
                     let mut batches = Vec::new();
                     let mut bytes = 0;
                     while let Some(batch) = queue.ready.front() {
                         if !batches.is_empty() && bytes + batch.bytes.len() > REQUEST_BYTES_MAX {
                             break;
                         }
-                        if shared.idempotent && batches.len() == IDEMPOTENT_BATCHES_PER_REQUEST_MAX
-                        {
+                        if batches.len() == batches_max {
                             break;
                         }
                         bytes += batch.bytes.len();
                         batches.push(queue.ready.pop_front().expect("front exists"));
                     }
-                    queue.in_flight = true;
+                    let ticket = queue.next_ticket;
+                    queue.next_ticket += 1;
+                    queue.unsettled.insert(ticket);
+                    queue.in_flight += 1;
+                    queue.in_flight_batches += batches.len();
                     dispatches.push(Dispatch {
                         topic: Arc::clone(topic),
                         partition: *partition,
+                        ticket,
+                        progress: Arc::clone(&queue.progress),
                         batches,
                     });
                 }
@@ -823,21 +903,84 @@ async fn sender(shared: Arc<Shared>) {
     }
 }
 
+impl Shared {
+    /// Waits until `ready` holds for the queue of `key` (checked again whenever `progress`, the
+    /// queue's, is woken).
+    async fn wait_queue(
+        &self,
+        key: &(Arc<str>, u32),
+        progress: &Notify,
+        ready: impl Fn(&PartitionQueue) -> bool,
+    ) {
+        loop {
+            let notified = progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().queues.get(key).is_some_and(&ready) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Changes the queue of `key` and wakes whoever waits on its progress.
+    fn update_queue(
+        &self,
+        key: &(Arc<str>, u32),
+        progress: &Notify,
+        f: impl FnOnce(&mut PartitionQueue),
+    ) {
+        if let Some(queue) = self.lock().queues.get_mut(key) {
+            f(queue);
+        }
+        progress.notify_waiters();
+    }
+
+    /// The generation of the current identity, if there is one.
+    async fn identity_generation(&self) -> Option<u64> {
+        self.identity.lock().await.map(|i| i.generation)
+    }
+}
+
 /// Sends one partition's batches and completes their deliveries: stamps them (idempotent) and
-/// retries transient failures with the same bytes (see the module documentation).
+/// retries failures that allow it with the same bytes (see the module documentation).
+///
+/// Order: a request is stamped and first submitted in its ticket's turn, so sequences and the
+/// stream's order follow the order the batches were formed in. A request sent again first waits
+/// until every earlier request of its partition has settled, and meanwhile the partition sends
+/// nothing new. An idempotent request that was sent behind unsettled ones and is refused as out
+/// of order (an earlier one failed or is being retried) is sent again once they have settled,
+/// stamped afresh if an earlier failure cost the producer its identity.
 async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
     let Dispatch {
         topic,
         partition,
+        ticket,
+        progress,
         mut batches,
     } = dispatch;
+    let key = (Arc::clone(&topic), partition);
     let deadline = Instant::now() + shared.delivery_timeout;
     let mut retries = 0u32;
     // The identity the batches were stamped with, and the request body built from them.
     let mut generation = None;
     let mut payload: Option<Bytes> = None;
+    shared
+        .wait_queue(&key, &progress, |q| q.submit_turn == ticket)
+        .await;
+    let mut holds_turn = true;
+    // Whether earlier requests of the partition were unsettled when this one was first sent.
+    let mut behind_others = shared
+        .lock()
+        .queues
+        .get(&key)
+        .is_some_and(|q| q.unsettled.first() != Some(&ticket));
+    let mut recovering = false;
     let outcome: Result<u64> = loop {
-        let attempt = async {
+        let wait = shared
+            .request_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let submitted = async {
             if shared.idempotent && !batches[0].stamped {
                 // Dropped first, so that stamping finds the batches' bytes unshared.
                 payload = None;
@@ -857,58 +1000,93 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
                     }
                 })
                 .clone();
-            let request = pb::ProduceBatchesRequest {
-                topic: topic.to_string(),
-                partitions: vec![pb::PartitionBatches {
+            let stream = shared.streams.stream(wait).await?;
+            stream.submit(
+                topic.to_string(),
+                vec![pb::PartitionBatches {
                     partition,
                     batches: body,
                 }],
-            };
-            let wait = shared
-                .request_timeout
-                .min(deadline.saturating_duration_since(Instant::now()));
-            let mut rpc = shared.client.rpc();
-            let response = tokio::time::timeout(wait, rpc.produce_batches(request))
+            )
+        }
+        .await;
+        if holds_turn && submitted.is_ok() {
+            holds_turn = false;
+            shared.update_queue(&key, &progress, |q| q.submit_turn += 1);
+        }
+        let answered = match submitted {
+            Ok(answer) => tokio::time::timeout(wait, answer.wait())
                 .await
-                .map_err(|_| ClientError::Timeout {
+                .unwrap_or(Err(ClientError::Timeout {
                     operation: "ProduceBatches",
                     after: wait,
-                })??;
-            match response.into_inner().partitions.into_iter().next() {
-                Some(p) => {
-                    crate::check_partition_error(&topic, partition, p.error_code, &p.error_message)
-                        .map(|()| p.base_offset)
-                }
-                None => Err(ClientError::Broker {
-                    code: tonic::Code::Internal,
-                    message: "the broker answered a produce request with no partition".into(),
-                }),
-            }
+                })),
+            Err(error) => Err(error),
         };
-        let error = match attempt.await {
+        let result = answered.and_then(|partitions| match partitions.into_iter().next() {
+            Some(p) => {
+                crate::check_partition_error(&topic, partition, p.error_code, &p.error_message)
+                    .map(|()| p.base_offset)
+            }
+            None => Err(ClientError::Broker {
+                code: tonic::Code::Internal,
+                message: "the broker answered a produce request with no partition".into(),
+            }),
+        });
+        let error = match result {
             Ok(base) => break Ok(base),
             Err(error) => error,
         };
-        let retry = shared.idempotent
-            && retries < shared.retries_max
-            && Instant::now() + shared.retry_backoff < deadline;
-        if retry && is_unknown_producer(&error) {
+        let in_time = Instant::now() + shared.retry_backoff < deadline;
+        let retry = shared.idempotent && retries < shared.retries_max && in_time;
+        // Refused as out of order behind requests that had not settled: not this request's
+        // fault, so it does not count as a retry. Only once: sent again after the earlier ones
+        // settled, it is no longer behind anything.
+        let reorder = shared.idempotent && behind_others && is_out_of_order(&error) && in_time;
+        let unknown_producer = retry && is_unknown_producer(&error);
+        if !(reorder || unknown_producer || (retry && is_transient(&error))) {
+            break Err(error);
+        }
+        if !recovering {
+            recovering = true;
+            shared.update_queue(&key, &progress, |q| q.recovering += 1);
+        }
+        if !reorder {
+            retries += 1;
+            // Before the wait below, so that requests failed together back off together.
+            tokio::time::sleep(shared.retry_backoff).await;
+        }
+        shared
+            .wait_queue(&key, &progress, |q| q.unsettled.first() == Some(&ticket))
+            .await;
+        let stale = match generation {
+            Some(g) => shared.identity_generation().await != Some(g),
+            None => false,
+        };
+        if unknown_producer {
             // The broker lost this producer's state: start again under a new identity.
             if let Some(generation) = generation.take() {
                 shared.forget_identity(generation).await;
             }
+        }
+        if unknown_producer || (reorder && stale) {
+            // Under a new identity the batches get new sequences (stamped while every earlier
+            // request has settled and no later one is sent, so in order).
             for batch in &mut batches {
                 batch.stamped = false;
             }
-        } else if !(retry && is_transient(&error)) {
-            break Err(error);
         }
-        retries += 1;
-        tokio::time::sleep(shared.retry_backoff).await;
+        if reorder {
+            behind_others = false;
+        }
     };
+    if holds_turn {
+        shared.update_queue(&key, &progress, |q| q.submit_turn += 1);
+    }
     if outcome.is_err() {
         // The partition's sequence now has a hole (or the batches were stored after all): the
-        // next batches go out under a new identity.
+        // next batches go out under a new identity. Forgotten before this request settles, so
+        // later requests waiting for it see the identity is stale.
         if let Some(generation) = generation {
             shared.forget_identity(generation).await;
         }
@@ -927,12 +1105,18 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
     shared.buffer.add_permits(released);
     let idle = {
         let mut state = shared.lock();
-        if let Some(queue) = state.queues.get_mut(&(Arc::clone(&topic), partition)) {
-            queue.in_flight = false;
+        if let Some(queue) = state.queues.get_mut(&key) {
+            queue.in_flight -= 1;
+            queue.in_flight_batches -= batches.len();
+            queue.unsettled.remove(&ticket);
+            if recovering {
+                queue.recovering -= 1;
+            }
         }
         state.outstanding -= batches.len();
         state.outstanding == 0
     };
+    progress.notify_waiters();
     if idle {
         shared.idle.notify_waiters();
     }
