@@ -14,6 +14,9 @@ pub(crate) const MESSAGE_BYTES_MAX: usize = 64 << 20;
 pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before the connection is dropped.
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP/2 frame the client accepts (HTTP/2 allows up to 16 MiB - 1): a fetch answer of
+/// a few MiB arrives in a few frames instead of hundreds of 16 KiB ones.
+pub(crate) const FRAME_BYTES_MAX: u32 = 1 << 20;
 /// How long to wait for a TCP connection to a broker.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -56,7 +59,8 @@ impl Client {
             .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(16 << 20));
+            .initial_connection_window_size(Some(16 << 20))
+            .max_frame_size(FRAME_BYTES_MAX);
         let channel = endpoint.connect().await.map_err(|e| {
             let mut reason = e.to_string();
             let mut source = std::error::Error::source(&e);
