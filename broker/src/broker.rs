@@ -73,12 +73,6 @@ pub struct PendingProduce {
 }
 
 impl PendingProduce {
-    /// Whether `complete` waits for an fsync (flush policy `always`); otherwise it returns at
-    /// once.
-    pub fn waits_for_fsync(&self) -> bool {
-        self.pending.waits_for_fsync()
-    }
-
     /// Waits until the records are durable (flush policy `always`), wakes readers, and returns
     /// the offsets given.
     ///

@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use octolog_batch::Offset;
 use octolog_proto::v1 as pb;
 use octolog_proto::v1::octolog_server::Octolog;
-use octolog_storage::{Log, ReadBatches, StorageError};
+use octolog_storage::{FlushPolicy, Log, ReadBatches, StorageError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -24,8 +24,8 @@ use crate::partition::Partition;
 /// control does the rest).
 pub const SUBSCRIPTION_QUEUE_DEPTH: usize = 4;
 
-/// Answers queued per produce stream before the broker stops reading the stream's requests (the
-/// client is not taking its answers).
+/// Answers queued per produce stream (and, under flush policy `always`, requests waiting for
+/// their fsync) before the broker stops reading the stream's requests.
 pub const PRODUCE_STREAM_QUEUE_DEPTH: usize = 64;
 
 /// The gRPC status for a domain error.
@@ -523,6 +523,8 @@ impl Octolog for OctologService {
         tokio::spawn(async move {
             // The id the next request should have (they count up from 0).
             let mut next_id = 0u64;
+            let fsyncs = matches!(broker.config().flush_policy(), Ok(FlushPolicy::Always));
+            let waiting = Arc::new(tokio::sync::Semaphore::new(PRODUCE_STREAM_QUEUE_DEPTH));
             loop {
                 let message = tokio::select! {
                     biased;
@@ -561,26 +563,45 @@ impl Octolog for OctologService {
                 };
                 let request_id = r.request_id;
                 next_id = request_id.wrapping_add(1);
-                let answer = match begin_stream_produce(&broker, r) {
-                    Err(failed) => pb::ProduceStreamResponse {
-                        request_id,
-                        status_code: failed.code() as i32,
-                        status_message: failed.message().to_string(),
-                        partitions: Vec::new(),
-                    },
-                    Ok(appends) => {
-                        if appends
-                            .iter()
-                            .any(|(_, a)| a.as_ref().is_ok_and(PendingProduce::waits_for_fsync))
-                        {
+                let failed = |failed: Status| pb::ProduceStreamResponse {
+                    request_id,
+                    status_code: failed.code() as i32,
+                    status_message: failed.message().to_string(),
+                    partitions: Vec::new(),
+                };
+                let answer = if fsyncs {
+                    // Answered once durable, by a task of its own, so the next request is
+                    // appended meanwhile and shares the fsync. The permit bounds the requests
+                    // waiting so (the client may not be reading its answers).
+                    let Ok(permit) = Arc::clone(&waiting).acquire_owned().await else {
+                        return;
+                    };
+                    // A roll may fsync: on a blocking thread, awaited before the next request
+                    // is read, so the order holds.
+                    let begun = {
+                        let broker = Arc::clone(&broker);
+                        tokio::task::spawn_blocking(move || begin_stream_produce(&broker, r))
+                            .await
+                            .unwrap_or_else(|e| {
+                                Err(Status::internal(format!("append task failed: {e}")))
+                            })
+                    };
+                    match begun {
+                        Err(status) => failed(status),
+                        Ok(appends) => {
                             let tx = tx.clone();
                             tokio::spawn(async move {
                                 let answer = complete_stream_produce(request_id, appends).await;
                                 let _ = tx.send(Ok(answer)).await;
+                                drop(permit);
                             });
                             continue;
                         }
-                        complete_stream_produce(request_id, appends).await
+                    }
+                } else {
+                    match begin_stream_produce(&broker, r) {
+                        Err(status) => failed(status),
+                        Ok(appends) => complete_stream_produce(request_id, appends).await,
                     }
                 };
                 // A full queue is the client not reading its answers: stop reading its

@@ -78,10 +78,13 @@ impl Stream {
             partitions,
         };
         if self.outbound.send(request).is_err() {
-            // The call itself is gone (tonic dropped the request side).
+            // The call itself is gone (tonic dropped the request side): the next request opens
+            // a new stream.
+            let message = "the produce stream to the broker is closed".to_string();
+            waiting.ended = Some((tonic::Code::Unavailable, message.clone()));
             return Err(ClientError::Broker {
                 code: tonic::Code::Unavailable,
-                message: "the produce stream to the broker is closed".into(),
+                message,
             });
         }
         let (sender, receiver) = oneshot::channel();
@@ -147,12 +150,22 @@ impl ProduceStreams {
         }
     }
 
-    /// The open stream, opening one (within `timeout`) if there is none or it has ended.
+    /// The open stream, opening one if there is none or it has ended; all within `timeout`
+    /// (requests wait in line while one of them opens the stream).
     ///
     /// # Errors
     ///
     /// [`ClientError::Timeout`], or the broker's refusal of the call.
     pub(crate) async fn stream(&self, timeout: Duration) -> Result<Arc<Stream>> {
+        tokio::time::timeout(timeout, self.open())
+            .await
+            .map_err(|_| ClientError::Timeout {
+                operation: "ProduceStream",
+                after: timeout,
+            })?
+    }
+
+    async fn open(&self) -> Result<Arc<Stream>> {
         let mut current = self.current.lock().await;
         if let Some(stream) = current.as_ref().filter(|s| !s.has_ended()) {
             return Ok(Arc::clone(stream));
@@ -160,13 +173,9 @@ impl ProduceStreams {
         *current = None;
         let (outbound, requests) = mpsc::unbounded_channel();
         let mut rpc = self.client.rpc();
-        let call = rpc.produce_stream(UnboundedReceiverStream::new(requests));
-        let inbound = tokio::time::timeout(timeout, call)
-            .await
-            .map_err(|_| ClientError::Timeout {
-                operation: "ProduceStream",
-                after: timeout,
-            })??
+        let inbound = rpc
+            .produce_stream(UnboundedReceiverStream::new(requests))
+            .await?
             .into_inner();
         let waiting = SharedWaiting::default();
         tokio::spawn(read_answers(Arc::clone(&waiting), inbound));

@@ -40,7 +40,7 @@
 //! Thread-safety: `Producer` is `Clone + Send + Sync`; clones share the batches and the sender.
 //! Dropping the last clone lets the sender send what is pending and stop; it never blocks.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -246,7 +246,8 @@ impl ProducerBuilder {
     /// requests wait for their answer, and the broker still appends them in order. An idempotent
     /// producer also keeps at most 5 batches of a partition in flight (the broker recognises a
     /// retry among a producer's last 5 batches). Default 5; 1 sends a partition's next request
-    /// only once the previous one is answered.
+    /// only once the previous one is answered. Without idempotence nothing is retried, so a
+    /// request that fails while later ones succeed leaves a gap in the partition (as in Kafka).
     pub fn in_flight_max(mut self, in_flight_max: usize) -> Self {
         self.in_flight_max = in_flight_max;
         self
@@ -384,10 +385,14 @@ struct ReadyBatch {
 struct PartitionQueue {
     open: Option<OpenBatch>,
     ready: VecDeque<ReadyBatch>,
-    /// Requests sent and not settled.
+    /// Requests sent and not settled (answered, or failed for good).
     in_flight: usize,
-    /// Batches in those requests.
-    in_flight_batches: usize,
+    /// Requests sent, from the oldest one not settled on: ticket -> its batches and whether it
+    /// has settled. A settled request leaves only once every earlier one has, so the window
+    /// holds the batches the broker may still have to recognise as retries.
+    window: BTreeMap<u64, Sent>,
+    /// Batches of the requests in `window`.
+    window_batches: usize,
     /// Requests of this partition being retried: while any is, no new request is sent, so that
     /// the retries go out (and are stamped) before anything sent after them.
     recovering: usize,
@@ -397,8 +402,6 @@ struct PartitionQueue {
     next_ticket: u64,
     /// The ticket whose turn it is to be stamped and submitted for the first time.
     submit_turn: u64,
-    /// Tickets of requests not settled yet (answered, or failed for good).
-    unsettled: BTreeSet<u64>,
     /// Woken when `submit_turn` moves on or a request settles.
     progress: Arc<Notify>,
     /// The sequence the next batch stamped for this partition starts with, under the producer
@@ -408,12 +411,38 @@ struct PartitionQueue {
     sequence_generation: u64,
 }
 
+/// A request in a partition's window.
+#[derive(Debug)]
+struct Sent {
+    batches: usize,
+    settled: bool,
+}
+
 impl PartitionQueue {
     /// Whether another request can be sent for this partition now.
     fn can_send(&self, in_flight_max: usize, idempotent: bool) -> bool {
         self.recovering == 0
             && self.in_flight < in_flight_max
-            && !(idempotent && self.in_flight_batches >= IDEMPOTENT_BATCHES_IN_FLIGHT_MAX)
+            && !(idempotent && self.window_batches >= IDEMPOTENT_BATCHES_IN_FLIGHT_MAX)
+    }
+
+    /// Whether `ticket` is the oldest request of the partition not settled.
+    fn is_oldest(&self, ticket: u64) -> bool {
+        self.window.first_key_value().map(|(t, _)| *t) == Some(ticket)
+    }
+
+    /// Records that request `ticket` settled, and moves the window past settled requests.
+    fn settle(&mut self, ticket: u64) {
+        if let Some(sent) = self.window.get_mut(&ticket) {
+            sent.settled = true;
+            self.in_flight -= 1;
+        }
+        while let Some(entry) = self.window.first_entry() {
+            if !entry.get().settled {
+                break;
+            }
+            self.window_batches -= entry.remove().batches;
+        }
     }
 }
 
@@ -526,19 +555,36 @@ impl Shared {
         }
     }
 
-    /// Stamps `batches` (one request's, of one partition, unstamped) with the identity and the
-    /// partition's next sequences; returns the identity's generation.
+    /// Stamps `batches` (request `ticket`'s, of one partition, unstamped) with the identity and
+    /// the partition's next sequences; returns the identity's generation.
+    ///
+    /// Under an identity new to the partition, sequences start again at 0; that happens only
+    /// once every earlier request of the partition has settled, since one of those could
+    /// otherwise be sent again under the old identity after this one and be appended after it.
     async fn stamp(
         &self,
-        topic: &Arc<str>,
-        partition: u32,
+        key: &(Arc<str>, u32),
+        ticket: u64,
+        progress: &Notify,
         batches: &mut [ReadyBatch],
     ) -> Result<u64> {
-        let identity = self.identity().await?;
+        let identity = loop {
+            let identity = self.identity().await?;
+            let may_stamp = self.lock().queues.get(key).is_some_and(|q| {
+                q.sequence_generation == identity.generation || q.is_oldest(ticket)
+            });
+            if may_stamp {
+                break identity;
+            }
+            self.wait_queue(key, progress, |q| q.is_oldest(ticket))
+                .await;
+        };
+        // Only this request's task changes the partition's sequences while it holds its turn
+        // or is the oldest, so the check above still holds.
         let mut state = self.lock();
         let queue = state
             .queues
-            .get_mut(&(Arc::clone(topic), partition))
+            .get_mut(key)
             .expect("a partition with a request in flight has a queue");
         if queue.sequence_generation != identity.generation {
             queue.sequence_generation = identity.generation;
@@ -851,7 +897,7 @@ async fn sender(shared: Arc<Shared>) {
                     && queue.can_send(shared.in_flight_max, shared.idempotent)
                 {
                     let batches_max = if shared.idempotent {
-                        IDEMPOTENT_BATCHES_IN_FLIGHT_MAX - queue.in_flight_batches
+                        IDEMPOTENT_BATCHES_IN_FLIGHT_MAX - queue.window_batches
                     } else {
                         usize::MAX
                     };
@@ -869,9 +915,15 @@ async fn sender(shared: Arc<Shared>) {
                     }
                     let ticket = queue.next_ticket;
                     queue.next_ticket += 1;
-                    queue.unsettled.insert(ticket);
+                    queue.window.insert(
+                        ticket,
+                        Sent {
+                            batches: batches.len(),
+                            settled: false,
+                        },
+                    );
                     queue.in_flight += 1;
-                    queue.in_flight_batches += batches.len();
+                    queue.window_batches += batches.len();
                     dispatches.push(Dispatch {
                         topic: Arc::clone(topic),
                         partition: *partition,
@@ -949,8 +1001,9 @@ impl Shared {
 /// stream's order follow the order the batches were formed in. A request sent again first waits
 /// until every earlier request of its partition has settled, and meanwhile the partition sends
 /// nothing new. An idempotent request that was sent behind unsettled ones and is refused as out
-/// of order (an earlier one failed or is being retried) is sent again once they have settled,
-/// stamped afresh if an earlier failure cost the producer its identity.
+/// of order or for an unknown producer (an earlier one failed, is being retried, or was lost) is
+/// sent again once they have settled, stamped afresh if an earlier failure cost the producer its
+/// identity.
 async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
     let Dispatch {
         topic,
@@ -974,7 +1027,7 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
         .lock()
         .queues
         .get(&key)
-        .is_some_and(|q| q.unsettled.first() != Some(&ticket));
+        .is_some_and(|q| !q.is_oldest(ticket));
     let mut recovering = false;
     let outcome: Result<u64> = loop {
         let wait = shared
@@ -984,7 +1037,7 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
             if shared.idempotent && !batches[0].stamped {
                 // Dropped first, so that stamping finds the batches' bytes unshared.
                 payload = None;
-                generation = Some(shared.stamp(&topic, partition, &mut batches).await?);
+                generation = Some(shared.stamp(&key, ticket, &progress, &mut batches).await?);
             }
             let body = payload
                 .get_or_insert_with(|| match batches.as_slice() {
@@ -1039,26 +1092,33 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
         };
         let in_time = Instant::now() + shared.retry_backoff < deadline;
         let retry = shared.idempotent && retries < shared.retries_max && in_time;
-        // Refused as out of order behind requests that had not settled: not this request's
-        // fault, so it does not count as a retry. Only once: sent again after the earlier ones
-        // settled, it is no longer behind anything.
-        let reorder = shared.idempotent && behind_others && is_out_of_order(&error) && in_time;
-        let unknown_producer = retry && is_unknown_producer(&error);
-        if !(reorder || unknown_producer || (retry && is_transient(&error))) {
+        // Refused as out of order, or for an unknown producer, behind requests that had not
+        // settled: possibly not this request's doing (an earlier one failed, or was lost before
+        // it created the producer's state), so it is sent again once they have settled, and it
+        // does not count as a retry. Only once: then it is no longer behind anything.
+        let behind = shared.idempotent
+            && behind_others
+            && (is_out_of_order(&error) || is_unknown_producer(&error))
+            && Instant::now() < deadline;
+        let unknown_producer = !behind && retry && is_unknown_producer(&error);
+        if !(behind || unknown_producer || (retry && is_transient(&error))) {
             break Err(error);
         }
         if !recovering {
             recovering = true;
             shared.update_queue(&key, &progress, |q| q.recovering += 1);
         }
-        if !reorder {
+        if !behind {
             retries += 1;
             // Before the wait below, so that requests failed together back off together.
             tokio::time::sleep(shared.retry_backoff).await;
         }
         shared
-            .wait_queue(&key, &progress, |q| q.unsettled.first() == Some(&ticket))
+            .wait_queue(&key, &progress, |q| q.is_oldest(ticket))
             .await;
+        if Instant::now() >= deadline {
+            break Err(error);
+        }
         let stale = match generation {
             Some(g) => shared.identity_generation().await != Some(g),
             None => false,
@@ -1069,14 +1129,16 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
                 shared.forget_identity(generation).await;
             }
         }
-        if unknown_producer || (reorder && stale) {
+        // Stamped afresh only when the refusal proves the batches were not stored: a transient
+        // failure is retried with the same bytes, which the broker recognises if it had them.
+        if unknown_producer || (behind && stale) {
             // Under a new identity the batches get new sequences (stamped while every earlier
             // request has settled and no later one is sent, so in order).
             for batch in &mut batches {
                 batch.stamped = false;
             }
         }
-        if reorder {
+        if behind {
             behind_others = false;
         }
     };
@@ -1106,9 +1168,7 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
     let idle = {
         let mut state = shared.lock();
         if let Some(queue) = state.queues.get_mut(&key) {
-            queue.in_flight -= 1;
-            queue.in_flight_batches -= batches.len();
-            queue.unsettled.remove(&ticket);
+            queue.settle(ticket);
             if recovering {
                 queue.recovering -= 1;
             }
