@@ -523,13 +523,18 @@ impl Octolog for OctologService {
         tokio::spawn(async move {
             // The id the next request should have (they count up from 0).
             let mut next_id = 0u64;
-            let fsyncs = matches!(broker.config().flush_policy(), Ok(FlushPolicy::Always));
+            let policy = broker.config().flush_policy().ok();
+            let fsyncs = policy == Some(FlushPolicy::Always);
+            // Under `always` and `interval-ms`, a roll fsyncs the sealed segment: appends then
+            // run on a blocking thread, awaited before the next request is read (the order).
+            let blocking = policy != Some(FlushPolicy::Never);
             let waiting = Arc::new(tokio::sync::Semaphore::new(PRODUCE_STREAM_QUEUE_DEPTH));
+            let down = "the broker is shutting down";
             loop {
                 let message = tokio::select! {
                     biased;
                     _ = shutdown.wait_for(|down| *down) => {
-                        let _ = tx.try_send(Err(Status::unavailable("the broker is shutting down")));
+                        let _ = tx.try_send(Err(Status::unavailable(down)));
                         return;
                     }
                     message = inbound.message() => message,
@@ -569,45 +574,61 @@ impl Octolog for OctologService {
                     status_message: failed.message().to_string(),
                     partitions: Vec::new(),
                 };
-                let answer = if fsyncs {
-                    // Answered once durable, by a task of its own, so the next request is
-                    // appended meanwhile and shares the fsync. The permit bounds the requests
-                    // waiting so (the client may not be reading its answers).
-                    let Ok(permit) = Arc::clone(&waiting).acquire_owned().await else {
-                        return;
-                    };
-                    // A roll may fsync: on a blocking thread, awaited before the next request
-                    // is read, so the order holds.
-                    let begun = {
-                        let broker = Arc::clone(&broker);
-                        tokio::task::spawn_blocking(move || begin_stream_produce(&broker, r))
-                            .await
-                            .unwrap_or_else(|e| {
-                                Err(Status::internal(format!("append task failed: {e}")))
-                            })
-                    };
-                    match begun {
-                        Err(status) => failed(status),
-                        Ok(appends) => {
-                            let tx = tx.clone();
-                            tokio::spawn(async move {
-                                let answer = complete_stream_produce(request_id, appends).await;
-                                let _ = tx.send(Ok(answer)).await;
-                                drop(permit);
-                            });
-                            continue;
+                // Under `always`, answered once durable by a task of its own, so the next
+                // request is appended meanwhile and shares the fsync. The permit bounds the
+                // requests waiting so (the client may not be reading its answers).
+                let permit = if fsyncs {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.wait_for(|down| *down) => {
+                            let _ = tx.try_send(Err(Status::unavailable(down)));
+                            return;
                         }
+                        permit = Arc::clone(&waiting).acquire_owned() => match permit {
+                            Ok(permit) => Some(permit),
+                            Err(_) => return,
+                        },
                     }
                 } else {
-                    match begin_stream_produce(&broker, r) {
-                        Err(status) => failed(status),
-                        Ok(appends) => complete_stream_produce(request_id, appends).await,
+                    None
+                };
+                let begun = if blocking {
+                    let broker = Arc::clone(&broker);
+                    tokio::task::spawn_blocking(move || begin_stream_produce(&broker, r))
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(Status::internal(format!("append task failed: {e}")))
+                        })
+                } else {
+                    begin_stream_produce(&broker, r)
+                };
+                let answer = match begun {
+                    Err(status) => failed(status),
+                    Ok(appends) if permit.is_some() => {
+                        let tx = tx.clone();
+                        let mut shutdown = broker.watch_shutdown();
+                        tokio::spawn(async move {
+                            let answer = complete_stream_produce(request_id, appends).await;
+                            tokio::select! {
+                                _ = tx.send(Ok(answer)) => {}
+                                _ = shutdown.wait_for(|down| *down) => {}
+                            }
+                            drop(permit);
+                        });
+                        continue;
                     }
+                    Ok(appends) => complete_stream_produce(request_id, appends).await,
                 };
                 // A full queue is the client not reading its answers: stop reading its
-                // requests until it does.
-                if tx.send(Ok(answer)).await.is_err() {
-                    return;
+                // requests until it does (but not past shutdown).
+                tokio::select! {
+                    sent = tx.send(Ok(answer)) => if sent.is_err() {
+                        return;
+                    },
+                    _ = shutdown.wait_for(|down| *down) => {
+                        let _ = tx.try_send(Err(Status::unavailable(down)));
+                        return;
+                    }
                 }
             }
         });

@@ -416,6 +416,8 @@ struct PartitionQueue {
 struct Sent {
     batches: usize,
     settled: bool,
+    /// The identity its batches are stamped with, once stamped.
+    generation: Option<u64>,
 }
 
 impl PartitionQueue {
@@ -424,6 +426,18 @@ impl PartitionQueue {
         self.recovering == 0
             && self.in_flight < in_flight_max
             && !(idempotent && self.window_batches >= IDEMPOTENT_BATCHES_IN_FLIGHT_MAX)
+    }
+
+    /// Whether request `ticket` may be stamped under identity `generation` now: every earlier
+    /// request not settled is stamped under it too (none of them can then be stamped again
+    /// under another identity and appended after this one), and the partition has not moved on
+    /// to a newer identity.
+    fn may_stamp(&self, ticket: u64, generation: u64) -> bool {
+        generation >= self.sequence_generation
+            && self
+                .window
+                .range(..ticket)
+                .all(|(_, sent)| sent.settled || sent.generation == Some(generation))
     }
 
     /// Whether `ticket` is the oldest request of the partition not settled.
@@ -558,9 +572,10 @@ impl Shared {
     /// Stamps `batches` (request `ticket`'s, of one partition, unstamped) with the identity and
     /// the partition's next sequences; returns the identity's generation.
     ///
-    /// Under an identity new to the partition, sequences start again at 0; that happens only
-    /// once every earlier request of the partition has settled, since one of those could
-    /// otherwise be sent again under the old identity after this one and be appended after it.
+    /// Under an identity new to the partition, sequences start again at 0. A request is stamped
+    /// only when every earlier unsettled request of its partition is stamped under the same
+    /// identity (see `PartitionQueue::may_stamp`), else it waits: an earlier one could otherwise
+    /// be stamped afresh later and appended after it.
     async fn stamp(
         &self,
         key: &(Arc<str>, u32),
@@ -568,48 +583,62 @@ impl Shared {
         progress: &Notify,
         batches: &mut [ReadyBatch],
     ) -> Result<u64> {
-        let identity = loop {
+        loop {
             let identity = self.identity().await?;
-            let may_stamp = self.lock().queues.get(key).is_some_and(|q| {
-                q.sequence_generation == identity.generation || q.is_oldest(ticket)
-            });
-            if may_stamp {
-                break identity;
+            {
+                let mut state = self.lock();
+                let queue = state
+                    .queues
+                    .get_mut(key)
+                    .expect("a partition with a request in flight has a queue");
+                // Checked and stamped under one lock: the oldest request may be stamped afresh
+                // concurrently with the request whose turn it is.
+                if queue.may_stamp(ticket, identity.generation) {
+                    stamp_locked(queue, ticket, identity, batches);
+                    return Ok(identity.generation);
+                }
             }
-            self.wait_queue(key, progress, |q| q.is_oldest(ticket))
-                .await;
-        };
-        // Only this request's task changes the partition's sequences while it holds its turn
-        // or is the oldest, so the check above still holds.
-        let mut state = self.lock();
-        let queue = state
-            .queues
-            .get_mut(key)
-            .expect("a partition with a request in flight has a queue");
-        if queue.sequence_generation != identity.generation {
-            queue.sequence_generation = identity.generation;
-            queue.next_sequence = 0;
+            let generation = identity.generation;
+            self.wait_queue(key, progress, |q| {
+                q.may_stamp(ticket, generation) || q.is_oldest(ticket)
+            })
+            .await;
         }
-        for batch in batches.iter_mut() {
-            assert!(!batch.stamped);
-            let records = octolog_batch::BatchHeader::parse(&batch.bytes)
-                .expect("the producer built this batch")
-                .record_count;
-            // Unique (never sent, or its request dropped) in practice, so this does not copy.
-            let mut bytes = std::mem::take(&mut batch.bytes)
-                .try_into_mut()
-                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-            octolog_batch::set_producer(
-                &mut bytes,
-                identity.producer_id,
-                identity.epoch,
-                queue.next_sequence,
-            );
-            batch.bytes = bytes.freeze();
-            batch.stamped = true;
-            queue.next_sequence = sequence_after(queue.next_sequence, records as u32);
-        }
-        Ok(identity.generation)
+    }
+}
+
+/// Stamps `batches` of request `ticket` with `identity` and `queue`'s next sequences.
+fn stamp_locked(
+    queue: &mut PartitionQueue,
+    ticket: u64,
+    identity: Identity,
+    batches: &mut [ReadyBatch],
+) {
+    if queue.sequence_generation != identity.generation {
+        queue.sequence_generation = identity.generation;
+        queue.next_sequence = 0;
+    }
+    for batch in batches.iter_mut() {
+        assert!(!batch.stamped);
+        let records = octolog_batch::BatchHeader::parse(&batch.bytes)
+            .expect("the producer built this batch")
+            .record_count;
+        // Unique (never sent, or its request dropped) in practice, so this does not copy.
+        let mut bytes = std::mem::take(&mut batch.bytes)
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        octolog_batch::set_producer(
+            &mut bytes,
+            identity.producer_id,
+            identity.epoch,
+            queue.next_sequence,
+        );
+        batch.bytes = bytes.freeze();
+        batch.stamped = true;
+        queue.next_sequence = sequence_after(queue.next_sequence, records as u32);
+    }
+    if let Some(sent) = queue.window.get_mut(&ticket) {
+        sent.generation = Some(identity.generation);
     }
 }
 
@@ -920,6 +949,7 @@ async fn sender(shared: Arc<Shared>) {
                         Sent {
                             batches: batches.len(),
                             settled: false,
+                            generation: None,
                         },
                     );
                     queue.in_flight += 1;
@@ -1023,21 +1053,26 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
         .await;
     let mut holds_turn = true;
     // Whether earlier requests of the partition were unsettled when this one was first sent.
-    let mut behind_others = shared
-        .lock()
-        .queues
-        .get(&key)
-        .is_some_and(|q| !q.is_oldest(ticket));
+    let mut behind_others = false;
+    // Whether any attempt reached the stream (else the broker cannot have the batches).
+    let mut ever_submitted = false;
     let mut recovering = false;
     let outcome: Result<u64> = loop {
-        let wait = shared
-            .request_timeout
-            .min(deadline.saturating_duration_since(Instant::now()));
+        let mut wait = shared.request_timeout;
         let submitted = async {
             if shared.idempotent && !batches[0].stamped {
                 // Dropped first, so that stamping finds the batches' bytes unshared.
                 payload = None;
                 generation = Some(shared.stamp(&key, ticket, &progress, &mut batches).await?);
+            }
+            // Stamping and waiting for earlier requests take time: never send past the deadline
+            // (the records could be stored while their deliveries report a failure).
+            wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+            if wait.is_zero() {
+                return Err(ClientError::Timeout {
+                    operation: "delivery",
+                    after: shared.delivery_timeout,
+                });
             }
             let body = payload
                 .get_or_insert_with(|| match batches.as_slice() {
@@ -1054,19 +1089,31 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
                 })
                 .clone();
             let stream = shared.streams.stream(wait).await?;
-            stream.submit(
+            // Whether earlier requests are unsettled as this one goes out.
+            let behind = shared
+                .lock()
+                .queues
+                .get(&key)
+                .is_some_and(|q| !q.is_oldest(ticket));
+            let answer = stream.submit(
                 topic.to_string(),
                 vec![pb::PartitionBatches {
                     partition,
                     batches: body,
                 }],
-            )
+            )?;
+            Ok((answer, behind))
         }
         .await;
-        if holds_turn && submitted.is_ok() {
-            holds_turn = false;
-            shared.update_queue(&key, &progress, |q| q.submit_turn += 1);
-        }
+        let submitted = submitted.map(|(answer, behind)| {
+            if holds_turn {
+                holds_turn = false;
+                behind_others = behind;
+                shared.update_queue(&key, &progress, |q| q.submit_turn += 1);
+            }
+            ever_submitted = true;
+            answer
+        });
         let answered = match submitted {
             Ok(answer) => tokio::time::timeout(wait, answer.wait())
                 .await
@@ -1129,9 +1176,10 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
                 shared.forget_identity(generation).await;
             }
         }
-        // Stamped afresh only when the refusal proves the batches were not stored: a transient
-        // failure is retried with the same bytes, which the broker recognises if it had them.
-        if unknown_producer || (behind && stale) {
+        // Stamped afresh only when the batches cannot have been stored (refused, or never sent):
+        // a transient failure is retried with the same bytes, which the broker recognises if
+        // it had them.
+        if unknown_producer || (stale && (behind || !ever_submitted)) {
             // Under a new identity the batches get new sequences (stamped while every earlier
             // request has settled and no later one is sent, so in order).
             for batch in &mut batches {
