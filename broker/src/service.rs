@@ -198,13 +198,16 @@ fn produce_result(
     }
 }
 
+/// Each partition of a `ProduceStream` request with its append, pending or failed.
+type StreamAppends = Vec<(u32, Result<PendingProduce, BrokerError>)>;
+
 /// Appends one `ProduceStream` request's partitions at once, in order. A failure of the request
 /// as a whole (unknown topic, malformed, shutting down before anything was appended) is a
 /// status; otherwise each partition's append, pending or failed.
 fn begin_stream_produce(
     broker: &Broker,
     r: pb::ProduceStreamRequest,
-) -> Result<Vec<(u32, Result<PendingProduce, BrokerError>)>, Status> {
+) -> Result<StreamAppends, Status> {
     broker.topic(&r.topic).map_err(status)?;
     check_distinct(r.partitions.iter().map(|p| p.partition))?;
     let mut appends = Vec::with_capacity(r.partitions.len());
@@ -224,7 +227,7 @@ fn begin_stream_produce(
 /// `always`) and builds its answer.
 async fn complete_stream_produce(
     request_id: u64,
-    appends: Vec<(u32, Result<PendingProduce, BrokerError>)>,
+    appends: StreamAppends,
 ) -> pb::ProduceStreamResponse {
     let mut partitions = Vec::with_capacity(appends.len());
     for (partition, append) in appends {
