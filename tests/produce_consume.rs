@@ -33,12 +33,15 @@ async fn send_all(
     batch_bytes: usize,
     records: Vec<ProducerRecord>,
 ) -> Vec<(u32, u64)> {
-    let producer = client
-        .producer()
-        .batch_bytes(batch_bytes)
-        .build()
-        .await
-        .expect("producer");
+    send_all_with(client.producer().batch_bytes(batch_bytes), records).await
+}
+
+/// As `send_all`, with a producer built by `builder`.
+async fn send_all_with(
+    builder: octolog_client::ProducerBuilder,
+    records: Vec<ProducerRecord>,
+) -> Vec<(u32, u64)> {
+    let producer = builder.build().await.expect("producer");
     let mut deliveries = Vec::with_capacity(records.len());
     for record in records {
         deliveries.push(producer.send(record).await.expect("send"));
@@ -175,6 +178,18 @@ async fn keyless_records_of_a_slow_producer_are_spread_over_partitions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_are_dense_and_in_send_order_per_partition() {
+    dense_and_in_send_order(true).await;
+}
+
+/// Guards the order of a producer without idempotence, whose batches carry no sequence the
+/// broker could check: with several requests of a partition in flight, the produce stream's
+/// order alone keeps them in send order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_are_dense_and_in_send_order_without_idempotence() {
+    dense_and_in_send_order(false).await;
+}
+
+async fn dense_and_in_send_order(idempotent: bool) {
     const PARTITIONS: u32 = 4;
     const RECORDS: usize = 4000;
     let broker = TestBroker::start().await;
@@ -183,8 +198,13 @@ async fn offsets_are_dense_and_in_send_order_per_partition() {
     let records: Vec<ProducerRecord> = (0..RECORDS)
         .map(|i| ProducerRecord::new("orders", format!("{i}")).key(format!("key-{}", i % 40)))
         .collect();
-    // Small batches: many batches and many requests per partition.
-    let acks = send_all(&client, 2048, records).await;
+    // Small batches sent at once: many batches, and many requests in flight per partition.
+    let producer = client
+        .producer()
+        .batch_bytes(2048)
+        .linger(std::time::Duration::ZERO)
+        .idempotent(idempotent);
+    let acks = send_all_with(producer, records).await;
 
     // In send order, each partition's acknowledged offsets run 0, 1, 2, ...
     let mut sent: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
