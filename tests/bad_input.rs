@@ -517,9 +517,11 @@ async fn out_of_range_offsets_are_reported_with_the_bounds() {
     assert_serving(&broker).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_records_are_refused() {
-    const BATCH_BYTES_MAX: u32 = 64 << 10;
+/// `batch_bytes_max` of the brokers of `small_limits_broker`; their `request_bytes_max` is twice it.
+const BATCH_BYTES_MAX: u32 = 64 << 10;
+
+/// A broker with small size limits (`BATCH_BYTES_MAX`) and a one-partition `topic`.
+async fn small_limits_broker(topic: &str) -> (TestBroker, octolog_client::Client) {
     let broker = TestBroker::start_with(|c| {
         c.batch_bytes_max = BATCH_BYTES_MAX;
         c.request_bytes_max = 2 * BATCH_BYTES_MAX as usize;
@@ -528,9 +530,15 @@ async fn oversized_records_are_refused() {
     let client = broker.client().await;
     client
         .admin()
-        .create_topic("big", TopicOptions::new())
+        .create_topic(topic, TopicOptions::new())
         .await
         .expect("create");
+    (broker, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_records_are_refused() {
+    let (broker, client) = small_limits_broker("big").await;
     let mut rpc = broker.rpc().await;
     let record = |bytes: usize| pb::Record {
         value: Some(Bytes::from(vec![b'x'; bytes])),
@@ -622,18 +630,7 @@ async fn oversized_records_are_refused() {
 /// says which request and why. The producer over such a stream fails only that record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_stream_answers_bad_requests_and_goes_on() {
-    const BATCH_BYTES_MAX: u32 = 64 << 10;
-    let broker = TestBroker::start_with(|c| {
-        c.batch_bytes_max = BATCH_BYTES_MAX;
-        c.request_bytes_max = 2 * BATCH_BYTES_MAX as usize;
-    })
-    .await;
-    let client = broker.client().await;
-    client
-        .admin()
-        .create_topic("s", TopicOptions::new())
-        .await
-        .expect("create");
+    let (broker, client) = small_limits_broker("s").await;
     let batch = |records: usize, value_bytes: usize| {
         let mut builder = BatchBuilder::new();
         for _ in 0..records {

@@ -359,15 +359,12 @@ async fn kill9_in_the_middle_stores_each_record_once() {
     finish(sent, producer, &direct, topic).await;
 }
 
-/// Guards pipelining: with every answer held back, a partition's next requests still go out and
-/// are appended, in order, behind the unanswered ones (several requests in flight per
-/// partition); when the connection then drops, all of them are retried and each record is
-/// stored once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_behind_unanswered_ones_are_appended_in_order() {
+/// A broker with `topic` (2 partitions), a client straight to it, a producer through a proxy,
+/// and one record stored on partition 0 by that producer: its first send learns the topic's
+/// partition count, an answer that must come through before answers are swallowed.
+async fn one_record_through_a_proxy(topic: &str) -> (TestBroker, Client, Proxy, Producer, Sent) {
     let broker = TestBroker::start().await;
     let direct = broker.client().await;
-    let topic = "idem.pipelined";
     direct
         .admin()
         .create_topic(topic, TopicOptions::new().partitions(2))
@@ -376,9 +373,19 @@ async fn requests_behind_unanswered_ones_are_appended_in_order() {
     let proxy = Proxy::start(broker.addr()).await;
     let producer = producer(&proxy).await;
     let mut sent = Sent::default();
-    // The first send learns the topic's partition count; its answer must come through.
     sent.send(&producer, topic, 0, "before".to_string()).await;
     wait_for_append(&direct, topic, 0, Offset(0)).await;
+    (broker, direct, proxy, producer, sent)
+}
+
+/// Guards pipelining: with every answer held back, a partition's next requests still go out and
+/// are appended, in order, behind the unanswered ones (several requests in flight per
+/// partition); when the connection then drops, all of them are retried and each record is
+/// stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_behind_unanswered_ones_are_appended_in_order() {
+    let topic = "idem.pipelined";
+    let (_broker, direct, proxy, producer, mut sent) = one_record_through_a_proxy(topic).await;
     proxy.swallow_answers();
     // Each record is a request of its own (the previous one is on the broker already), and
     // stays unanswered; 4 stay within the 5 batches a partition may have in flight.
@@ -396,19 +403,8 @@ async fn requests_behind_unanswered_ones_are_appended_in_order() {
 /// and stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_behind_a_refused_one_keep_their_order() {
-    let broker = TestBroker::start().await;
-    let direct = broker.client().await;
     let topic = "idem.refused";
-    direct
-        .admin()
-        .create_topic(topic, TopicOptions::new().partitions(2))
-        .await
-        .expect("create");
-    let proxy = Proxy::start(broker.addr()).await;
-    let producer = producer(&proxy).await;
-    let mut sent = Sent::default();
-    sent.send(&producer, topic, 0, "before".to_string()).await;
-    wait_for_append(&direct, topic, 0, Offset(0)).await;
+    let (_broker, direct, proxy, producer, mut sent) = one_record_through_a_proxy(topic).await;
     proxy.swallow_answers();
     let forwarded = proxy.forwarded_bytes.load(Ordering::SeqCst);
     // Over the broker's batch_bytes_max (1 MiB), within its request size limit.
