@@ -303,16 +303,8 @@ async fn lost_answer_round(
 /// Guards that a produce whose answer was lost after the append is retried and stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_answers_are_retried_and_stored_once() {
-    let broker = TestBroker::start().await;
-    let direct = broker.client().await;
     let topic = "idem.lost";
-    direct
-        .admin()
-        .create_topic(topic, TopicOptions::new().partitions(2))
-        .await
-        .expect("create");
-    let proxy = Proxy::start(broker.addr()).await;
-    let producer = producer(&proxy).await;
+    let (_broker, direct, proxy, producer) = through_a_proxy(topic).await;
     let mut sent = Sent::default();
     for round in 0..5 {
         lost_answer_round(&proxy, &producer, &mut sent, &direct, topic, round).await;
@@ -359,10 +351,9 @@ async fn kill9_in_the_middle_stores_each_record_once() {
     finish(sent, producer, &direct, topic).await;
 }
 
-/// A broker with `topic` (2 partitions), a client straight to it, a producer through a proxy,
-/// and one record stored on partition 0 by that producer: its first send learns the topic's
-/// partition count, an answer that must come through before answers are swallowed.
-async fn one_record_through_a_proxy(topic: &str) -> (TestBroker, Client, Proxy, Producer, Sent) {
+/// A broker with `topic` (2 partitions), a client straight to it, and a producer through a
+/// proxy.
+async fn through_a_proxy(topic: &str) -> (TestBroker, Client, Proxy, Producer) {
     let broker = TestBroker::start().await;
     let direct = broker.client().await;
     direct
@@ -372,6 +363,14 @@ async fn one_record_through_a_proxy(topic: &str) -> (TestBroker, Client, Proxy, 
         .expect("create");
     let proxy = Proxy::start(broker.addr()).await;
     let producer = producer(&proxy).await;
+    (broker, direct, proxy, producer)
+}
+
+/// As `through_a_proxy`, and one record stored on partition 0 by the producer: its first send
+/// learns the topic's partition count, an answer that must come through before answers are
+/// swallowed.
+async fn one_record_through_a_proxy(topic: &str) -> (TestBroker, Client, Proxy, Producer, Sent) {
+    let (broker, direct, proxy, producer) = through_a_proxy(topic).await;
     let mut sent = Sent::default();
     sent.send(&producer, topic, 0, "before".to_string()).await;
     wait_for_append(&direct, topic, 0, Offset(0)).await;
@@ -436,16 +435,8 @@ async fn requests_behind_a_refused_one_keep_their_order() {
 /// Guards the clean-restart path: producer state comes back from the snapshot written on close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_restart_in_the_middle_stores_each_record_once() {
-    let mut broker = TestBroker::start().await;
-    let mut direct = broker.client().await;
     let topic = "idem.restart";
-    direct
-        .admin()
-        .create_topic(topic, TopicOptions::new().partitions(2))
-        .await
-        .expect("create");
-    let proxy = Proxy::start(broker.addr()).await;
-    let producer = producer(&proxy).await;
+    let (mut broker, mut direct, proxy, producer) = through_a_proxy(topic).await;
     let mut sent = Sent::default();
     for round in 0..2 {
         lost_answer_round(&proxy, &producer, &mut sent, &direct, topic, round).await;
