@@ -595,6 +595,12 @@ impl Octolog for OctologService {
                 } else {
                     None
                 };
+                // A client that is gone (its connection failed) may already be sending these
+                // records again on a new stream, under a new producer identity if an earlier one
+                // failed: appending this stale copy late could store them twice.
+                if tx.is_closed() {
+                    return;
+                }
                 let begun = if blocking {
                     let broker = Arc::clone(&broker);
                     tokio::task::spawn_blocking(move || begin_stream_produce(&broker, r))

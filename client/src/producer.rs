@@ -570,7 +570,8 @@ impl Shared {
     }
 
     /// Stamps `batches` (request `ticket`'s, of one partition, unstamped) with the identity and
-    /// the partition's next sequences; returns the identity's generation.
+    /// the partition's next sequences; returns the identity's generation, and whether earlier
+    /// requests of the partition were unsettled then.
     ///
     /// Under an identity new to the partition, sequences start again at 0. A request is stamped
     /// only when every earlier unsettled request of its partition is stamped under the same
@@ -582,10 +583,10 @@ impl Shared {
         ticket: u64,
         progress: &Notify,
         batches: &mut [ReadyBatch],
-    ) -> Result<u64> {
+    ) -> Result<(u64, bool)> {
         loop {
             let identity = self.identity().await?;
-            {
+            let stamped = {
                 let mut state = self.lock();
                 let queue = state
                     .queues
@@ -593,10 +594,15 @@ impl Shared {
                     .expect("a partition with a request in flight has a queue");
                 // Checked and stamped under one lock: the oldest request may be stamped afresh
                 // concurrently with the request whose turn it is.
-                if queue.may_stamp(ticket, identity.generation) {
+                queue.may_stamp(ticket, identity.generation).then(|| {
                     stamp_locked(queue, ticket, identity, batches);
-                    return Ok(identity.generation);
-                }
+                    !queue.is_oldest(ticket)
+                })
+            };
+            if let Some(behind) = stamped {
+                // A later request may be waiting for this one to be stamped (`may_stamp`).
+                progress.notify_waiters();
+                return Ok((identity.generation, behind));
             }
             let generation = identity.generation;
             self.wait_queue(key, progress, |q| {
@@ -1056,23 +1062,33 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
     let mut behind_others = false;
     // Whether any attempt reached the stream (else the broker cannot have the batches).
     let mut ever_submitted = false;
+    // Whether the batches were stamped while earlier requests of the partition were unsettled.
+    let mut stamped_behind = false;
     let mut recovering = false;
     let outcome: Result<u64> = loop {
         let mut wait = shared.request_timeout;
         let submitted = async {
+            // Waiting for the turn, for earlier requests and for stamping takes time: never
+            // stamp or send past the deadline (the records could be stored while their
+            // deliveries report a failure, or sequences be spent for nothing).
+            let past_deadline = || ClientError::Timeout {
+                operation: "delivery",
+                after: shared.delivery_timeout,
+            };
+            if Instant::now() >= deadline {
+                return Err(past_deadline());
+            }
             if shared.idempotent && !batches[0].stamped {
                 // Dropped first, so that stamping finds the batches' bytes unshared.
                 payload = None;
-                generation = Some(shared.stamp(&key, ticket, &progress, &mut batches).await?);
+                let (stamped_under, behind) =
+                    shared.stamp(&key, ticket, &progress, &mut batches).await?;
+                generation = Some(stamped_under);
+                stamped_behind |= behind;
             }
-            // Stamping and waiting for earlier requests take time: never send past the deadline
-            // (the records could be stored while their deliveries report a failure).
             wait = wait.min(deadline.saturating_duration_since(Instant::now()));
             if wait.is_zero() {
-                return Err(ClientError::Timeout {
-                    operation: "delivery",
-                    after: shared.delivery_timeout,
-                });
+                return Err(past_deadline());
             }
             let body = payload
                 .get_or_insert_with(|| match batches.as_slice() {
@@ -1108,7 +1124,7 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
         let submitted = submitted.map(|(answer, behind)| {
             if holds_turn {
                 holds_turn = false;
-                behind_others = behind;
+                behind_others = behind || stamped_behind;
                 shared.update_queue(&key, &progress, |q| q.submit_turn += 1);
             }
             ever_submitted = true;
@@ -1180,11 +1196,16 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
         // a transient failure is retried with the same bytes, which the broker recognises if
         // it had them.
         if unknown_producer || (stale && (behind || !ever_submitted)) {
-            // Under a new identity the batches get new sequences (stamped while every earlier
-            // request has settled and no later one is sent, so in order).
+            // Under a new identity the batches get new sequences, stamped now that every
+            // earlier request has settled; later ones wait for that (`may_stamp`), so in order.
             for batch in &mut batches {
                 batch.stamped = false;
             }
+            shared.update_queue(&key, &progress, |q| {
+                if let Some(sent) = q.window.get_mut(&ticket) {
+                    sent.generation = None;
+                }
+            });
         }
         if behind {
             behind_others = false;
