@@ -403,7 +403,7 @@ async fn requests_behind_unanswered_ones_are_appended_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_behind_a_refused_one_keep_their_order() {
     let topic = "idem.refused";
-    let (_broker, direct, proxy, producer, mut sent) = one_record_through_a_proxy(topic).await;
+    let (broker, direct, proxy, producer, mut sent) = one_record_through_a_proxy(topic).await;
     proxy.swallow_answers();
     let forwarded = proxy.forwarded_bytes.load(Ordering::SeqCst);
     // Over the broker's batch_bytes_max (1 MiB), within its request size limit.
@@ -430,6 +430,40 @@ async fn requests_behind_a_refused_one_keep_their_order() {
         other => panic!("a batch over batch_bytes_max must be refused, got {other:?}"),
     }
     finish(sent, producer, &direct, topic).await;
+    // After the refusal the producer went on under its producer id with the next epoch, which
+    // fences older copies: partition 0 holds the first record's batch, then only batches of
+    // the next epoch.
+    let data = broker
+        .rpc()
+        .await
+        .fetch(pb::FetchRequest {
+            topic: topic.into(),
+            partitions: vec![pb::PartitionFetch {
+                partition: 0,
+                offset: 0,
+                max_bytes: 0,
+            }],
+            format: pb::RecordFormat::Batches as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("fetch")
+        .into_inner()
+        .partitions;
+    let identities: Vec<(i64, i16)> = octolog_batch::batches(&data[0].batches)
+        .map(|batch| {
+            let (header, _) = batch.expect("a valid batch");
+            (header.producer_id, header.producer_epoch)
+        })
+        .collect();
+    let (first_id, first_epoch) = identities[0];
+    assert!(identities.len() > 1, "{identities:?}");
+    assert!(
+        identities[1..]
+            .iter()
+            .all(|&identity| identity == (first_id, first_epoch + 1)),
+        "{identities:?}"
+    );
 }
 
 /// Guards the clean-restart path: producer state comes back from the snapshot written on close.

@@ -18,9 +18,11 @@
 //! `delivery_timeout`; if the broker had appended it, it answers with the original offsets. At
 //! most `IDEMPOTENT_BATCHES_IN_FLIGHT_MAX` (5) batches of a partition are in flight, the number
 //! the broker remembers. When a batch fails for good, the sequence of its partition has a hole,
-//! so the producer asks for a new producer id before stamping the next batch; when the broker
-//! has lost the producer's state (`UNKNOWN_PRODUCER_ID`), the batch is stamped afresh with a new
-//! id and sent again. A request retried, or refused as out of order behind earlier requests
+//! so the producer takes a new identity before stamping the next batch: its producer id with
+//! the next epoch (as Kafka's KIP-360; a new producer id from the broker once the epoch is
+//! spent), which fences any older copy still on its way; when the broker has lost the
+//! producer's state (`UNKNOWN_PRODUCER_ID`), the batch is stamped afresh under a new identity
+//! and sent again. A request retried, or refused as out of order behind earlier requests
 //! that failed, is sent again only once every earlier request of its partition has settled, and
 //! the partition sends nothing new meanwhile, so retries keep the order (as Kafka's producer
 //! does with `max.in.flight.requests.per.connection` up to 5). Without idempotence, batches
@@ -346,7 +348,7 @@ impl ProducerBuilder {
             retry_backoff: self.retry_backoff,
             request_timeout: self.request_timeout,
             delivery_timeout: self.delivery_timeout,
-            identity: tokio::sync::Mutex::new(None),
+            identity: tokio::sync::Mutex::new(Identities::default()),
             identity_generation: AtomicU64::new(0),
         });
         if shared.idempotent {
@@ -460,6 +462,15 @@ impl PartitionQueue {
     }
 }
 
+/// The identity in use, and the one before it.
+#[derive(Debug, Default)]
+struct Identities {
+    /// `None` when a new identity must be made before the next batch is stamped.
+    current: Option<Identity>,
+    /// The last identity dropped: the next one is its producer id with the next epoch.
+    dropped: Option<Identity>,
+}
+
 /// An idempotent producer's identity, as the broker gave it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Identity {
@@ -518,9 +529,9 @@ struct Shared {
     request_timeout: Duration,
     /// Longest time for a batch, from its first attempt.
     delivery_timeout: Duration,
-    /// The current identity; `None` when a new one must be asked for. An async mutex so that
-    /// one task asks the broker while the others wait for its answer.
-    identity: tokio::sync::Mutex<Option<Identity>>,
+    /// The current identity, and the last one dropped. An async mutex so that one task asks
+    /// the broker while the others wait for its answer.
+    identity: tokio::sync::Mutex<Identities>,
     /// The generation of the last identity handed out.
     identity_generation: AtomicU64,
 }
@@ -530,10 +541,24 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The producer's identity, asking the broker for one if there is none.
+    /// The producer's identity. After one was dropped, the next is the same producer id with the
+    /// next epoch, as Kafka's idempotent producer bumps its epoch (KIP-360): a partition that has
+    /// taken a batch of the new epoch refuses ("fences") any batch of an older one, so a copy of
+    /// an old request still on its way to the broker cannot be appended after the batches
+    /// stamped afresh. The broker is asked for a producer id on the first call, and when the
+    /// epoch is spent.
     async fn identity(&self) -> Result<Identity> {
-        let mut current = self.identity.lock().await;
-        if let Some(identity) = *current {
+        let mut identities = self.identity.lock().await;
+        if let Some(identity) = identities.current {
+            return Ok(identity);
+        }
+        if let Some(dropped) = identities.dropped.filter(|d| d.epoch < i16::MAX) {
+            let identity = Identity {
+                producer_id: dropped.producer_id,
+                epoch: dropped.epoch + 1,
+                generation: self.identity_generation.fetch_add(1, Ordering::AcqRel) + 1,
+            };
+            identities.current = Some(identity);
             return Ok(identity);
         }
         let mut rpc = self.client.rpc();
@@ -557,15 +582,16 @@ impl Shared {
             epoch,
             generation: self.identity_generation.fetch_add(1, Ordering::AcqRel) + 1,
         };
-        *current = Some(identity);
+        identities.current = Some(identity);
         Ok(identity)
     }
 
     /// Drops identity `generation` (if still current) so the next batch stamped gets a new one.
     async fn forget_identity(&self, generation: u64) {
-        let mut current = self.identity.lock().await;
-        if current.is_some_and(|i| i.generation == generation) {
-            *current = None;
+        let mut identities = self.identity.lock().await;
+        if let Some(current) = identities.current.filter(|i| i.generation == generation) {
+            identities.current = None;
+            identities.dropped = Some(current);
         }
     }
 
@@ -1026,7 +1052,7 @@ impl Shared {
 
     /// The generation of the current identity, if there is one.
     async fn identity_generation(&self) -> Option<u64> {
-        self.identity.lock().await.map(|i| i.generation)
+        self.identity.lock().await.current.map(|i| i.generation)
     }
 }
 
