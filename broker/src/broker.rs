@@ -414,7 +414,8 @@ impl Broker {
         Ok(describe(&*self.topic(name)?))
     }
 
-    /// A new idempotent producer's id and epoch (always 0: each producer gets a fresh id).
+    /// A new idempotent producer's id and epoch (always 0: each producer gets a fresh id, and
+    /// later epochs are the producer's own, KIP-360 style).
     /// Blocking: now and then it reserves a block of ids on disk.
     ///
     /// # Errors

@@ -108,7 +108,7 @@ pub enum BrokerError {
     },
     /// Idempotent produce: the partition has no state for the producer and the batch does not
     /// start a sequence.
-    #[error("topic {topic:?} partition {partition}: no state for producer {producer_id}, and its batch starts at sequence {base_sequence} instead of 0 (the state was lost, e.g. to retention): get a new producer id with InitProducerId and resend")]
+    #[error("topic {topic:?} partition {partition}: no state for producer {producer_id}, and its batch starts at sequence {base_sequence} instead of 0 (the state was lost, e.g. to retention): resend under the next epoch from sequence 0, or under a new producer id from InitProducerId")]
     UnknownProducerId {
         /// The topic.
         topic: String,

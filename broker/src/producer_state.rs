@@ -28,7 +28,7 @@
 //! unclean one walks about one segment; a missing, damaged or stale snapshot means a walk from
 //! the log start offset. Producers whose batches were all deleted by retention are kept by the
 //! snapshot but not found by a walk; such a producer then gets `UnknownProducerId` and starts
-//! over with a new id. The state keeps at most [`PRODUCERS_PER_PARTITION_MAX`] producers,
+//! over at sequence 0 (Octolog's producer under its next epoch). The state keeps at most [`PRODUCERS_PER_PARTITION_MAX`] producers,
 //! evicting the one that wrote least recently.
 //!
 //! Snapshot layout, big-endian: magic `b"OPST"`, version u32 = 1, `log_end_offset` u64,

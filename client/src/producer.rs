@@ -697,6 +697,11 @@ fn is_out_of_order(error: &ClientError) -> bool {
     matches!(error, ClientError::Partition { code, .. } if *code == pb::ErrorCode::OutOfOrderSequence as i32)
 }
 
+/// Whether the broker refused a batch of an older epoch than the partition knows.
+fn is_fenced(error: &ClientError) -> bool {
+    matches!(error, ClientError::Partition { code, .. } if *code == pb::ErrorCode::ProducerFenced as i32)
+}
+
 /// Whether the broker refused a batch because it has no state for the producer.
 fn is_unknown_producer(error: &ClientError) -> bool {
     matches!(error, ClientError::Partition { code, .. } if *code == pb::ErrorCode::UnknownProducerId as i32)
@@ -1181,13 +1186,15 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
         };
         let in_time = Instant::now() + shared.retry_backoff < deadline;
         let retry = shared.idempotent && retries < shared.retries_max && in_time;
-        // Refused as out of order, or for an unknown producer, behind requests that had not
-        // settled: possibly not this request's doing (an earlier one failed, or was lost before
+        // Refused as out of order, for an unknown producer or fenced, behind requests that had
+        // not settled: possibly not this request's doing (an earlier one failed, or was lost before
         // it created the producer's state), so it is sent again once they have settled, and it
         // does not count as a retry. Only once: then it is no longer behind anything.
+        // Fenced likewise: an earlier request of the partition was stamped afresh under the
+        // next epoch and stored, so this one (after it in sequence) was not stored.
         let behind = shared.idempotent
             && behind_others
-            && (is_out_of_order(&error) || is_unknown_producer(&error))
+            && (is_out_of_order(&error) || is_unknown_producer(&error) || is_fenced(&error))
             && Instant::now() < deadline;
         let unknown_producer = !behind && retry && is_unknown_producer(&error);
         if !(behind || unknown_producer || (retry && is_transient(&error))) {
