@@ -471,7 +471,8 @@ struct Identities {
     dropped: Option<Identity>,
 }
 
-/// An idempotent producer's identity, as the broker gave it.
+/// An idempotent producer's identity: a producer id from the broker, and an epoch (the broker's
+/// for a new id, then the producer's own bumps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Identity {
     producer_id: i64,
@@ -1068,9 +1069,9 @@ impl Shared {
 /// stream's order follow the order the batches were formed in. A request sent again first waits
 /// until every earlier request of its partition has settled, and meanwhile the partition sends
 /// nothing new. An idempotent request that was sent behind unsettled ones and is refused as out
-/// of order or for an unknown producer (an earlier one failed, is being retried, or was lost) is
-/// sent again once they have settled, stamped afresh if an earlier failure cost the producer its
-/// identity.
+/// of order, for an unknown producer or as fenced (an earlier one failed, is being retried, was
+/// lost, or was stamped afresh) is sent again once they have settled, stamped afresh if an
+/// earlier failure cost the producer its identity.
 async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
     let Dispatch {
         topic,
@@ -1186,12 +1187,12 @@ async fn send_request(shared: Arc<Shared>, dispatch: Dispatch) {
         };
         let in_time = Instant::now() + shared.retry_backoff < deadline;
         let retry = shared.idempotent && retries < shared.retries_max && in_time;
-        // Refused as out of order, for an unknown producer or fenced, behind requests that had
-        // not settled: possibly not this request's doing (an earlier one failed, or was lost before
-        // it created the producer's state), so it is sent again once they have settled, and it
-        // does not count as a retry. Only once: then it is no longer behind anything.
-        // Fenced likewise: an earlier request of the partition was stamped afresh under the
-        // next epoch and stored, so this one (after it in sequence) was not stored.
+        // Refused behind requests that had not settled, as out of order or for an unknown
+        // producer (an earlier one failed, or was lost before it created the producer's state),
+        // or as fenced (an earlier one was stamped afresh under the next epoch and stored, so
+        // this one, after it in sequence, was not): possibly not this request's doing, so it is
+        // sent again once they have settled, and it does not count as a retry. Only once: then
+        // it is no longer behind anything.
         let behind = shared.idempotent
             && behind_others
             && (is_out_of_order(&error) || is_unknown_producer(&error) || is_fenced(&error))
