@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -41,9 +41,12 @@ pub async fn within<F: std::future::IntoFuture>(what: &str, future: F) -> F::Out
 #[derive(Debug)]
 pub struct TestBroker {
     addr: SocketAddr,
-    dir: Option<TempDir>,
+    /// The data folder; the server task owns its `TempDir` and removes it only once the broker
+    /// has closed, so that a broker still shutting down never writes into a folder being
+    /// removed (which left folders behind in the system's temp dir).
+    dir: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<octolog_broker::Result<()>>>,
+    task: Option<JoinHandle<(octolog_broker::Result<()>, TempDir)>>,
 }
 
 impl TestBroker {
@@ -75,17 +78,18 @@ impl TestBroker {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
         let (shutdown, signal) = oneshot::channel::<()>();
-        let task = tokio::spawn(octolog_broker::server::run(
-            listener,
-            Arc::new(broker),
-            async move {
+        let path = dir.path().to_path_buf();
+        let task = tokio::spawn(async move {
+            let served = octolog_broker::server::run(listener, Arc::new(broker), async move {
                 // A dropped sender (test panicked) also shuts the broker down.
                 let _ = signal.await;
-            },
-        ));
+            })
+            .await;
+            (served, dir)
+        });
         TestBroker {
             addr,
-            dir: Some(dir),
+            dir: path,
             shutdown: Some(shutdown),
             task: Some(task),
         }
@@ -98,7 +102,7 @@ impl TestBroker {
 
     /// The data folder.
     pub fn data_dir(&self) -> &Path {
-        self.dir.as_ref().expect("running").path()
+        &self.dir
     }
 
     /// A client connected to the broker.
@@ -125,11 +129,9 @@ impl TestBroker {
     pub async fn stop(mut self) -> TempDir {
         let _ = self.shutdown.take().expect("running").send(());
         let task = self.task.take().expect("running");
-        within("broker shutdown", task)
-            .await
-            .expect("server task")
-            .expect("broker shuts down cleanly");
-        self.dir.take().expect("running")
+        let (served, dir) = within("broker shutdown", task).await.expect("server task");
+        served.expect("broker shuts down cleanly");
+        dir
     }
 }
 
