@@ -167,36 +167,16 @@ impl Partition {
     /// `Storage` wrapping what the log said (invalid batch, too large, I/O);
     /// `OutOfOrderSequence`, `ProducerFenced`, `UnknownProducerId` or `InvalidRequest` for
     /// idempotent batches that break the rules, with nothing appended.
-    pub async fn append(&self, mut batches: BytesMut) -> Result<AppendInfo> {
-        let mut append = {
-            let log = Arc::clone(&self.log);
-            let appended = Arc::clone(&self.appended);
-            let producers = Arc::clone(&self.producers);
-            let bytes_since_snapshot = Arc::clone(&self.bytes_since_snapshot);
-            let snapshot_stale = Arc::clone(&self.snapshot_stale);
-            let (topic, id) = (self.topic.clone(), self.id);
-            move || {
-                let size = batches.len() as u64;
-                let result = append_checked(&log, &producers, &mut batches, &topic, id).and_then(
-                    |(info, appended)| {
-                        wait_durable(&log, &info, &topic, id)?;
-                        Ok((info, appended))
-                    },
-                );
-                if let Ok((_, true)) = result {
-                    bytes_since_snapshot.fetch_add(size, Ordering::Relaxed);
-                    snapshot_stale.store(true, Ordering::SeqCst);
-                    appended.send_modify(|n| *n = n.wrapping_add(1));
-                }
-                result.map(|(info, _)| info)
-            }
-        };
+    pub async fn append(self: &Arc<Self>, batches: BytesMut) -> Result<AppendInfo> {
+        // The same steps as a stream's ordered append, completed at once; under `always` on a
+        // blocking thread, which finishes even if the request is cancelled meanwhile.
         if self.log.config().flush == FlushPolicy::Always {
-            tokio::task::spawn_blocking(append)
+            let partition = Arc::clone(self);
+            tokio::task::spawn_blocking(move || partition.append_ordered(batches)?.finish())
                 .await
                 .map_err(|e| BrokerError::InvalidRequest(format!("append task failed: {e}")))?
         } else {
-            append()
+            self.append_ordered(batches)?.finish()
         }
     }
 
@@ -467,9 +447,11 @@ mod tests {
     use crate::producer_state::PRODUCER_BATCHES_CACHED;
     use octolog_batch::BatchBuilder;
 
-    fn open(dir: &Path, config: &LogConfig) -> Partition {
+    fn open(dir: &Path, config: &LogConfig) -> Arc<Partition> {
         let appended = Arc::new(watch::channel(0).0);
-        Partition::open("jobs", 0, dir, config.clone(), appended).expect("partition opens")
+        Arc::new(
+            Partition::open("jobs", 0, dir, config.clone(), appended).expect("partition opens"),
+        )
     }
 
     /// A batch of `records` records; `producer_id` -1 makes it not idempotent.
@@ -487,7 +469,7 @@ mod tests {
     }
 
     /// The first and last offsets of an append, or the error's name.
-    async fn append(partition: &Partition, batches: &[BytesMut]) -> Result<(u64, u64), String> {
+    async fn append(partition: &Arc<Partition>, batches: &[BytesMut]) -> Result<(u64, u64), String> {
         let mut entry = BytesMut::new();
         for b in batches {
             entry.extend_from_slice(b);
