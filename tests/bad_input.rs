@@ -969,3 +969,29 @@ async fn deleting_a_topic_ends_a_long_poll_waiting_on_it() {
 async fn deleting_a_topic_ends_a_subscription_on_it() {
     check_delete_ends_waiting_consumer(true).await;
 }
+
+/// Guards the producer's settings checks: a value that could never work is refused by `build`,
+/// with the setting named, before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_settings_out_of_range_are_refused() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let cases = [
+        ("in_flight_max", client.producer().in_flight_max(0)),
+        ("batch_bytes", client.producer().batch_bytes(0)),
+        (
+            "request_timeout",
+            client.producer().request_timeout(Duration::ZERO),
+        ),
+    ];
+    for (setting, builder) in cases {
+        match builder.build().await {
+            Err(ClientError::InvalidArgument(message)) => {
+                assert!(message.contains(setting), "{setting}: {message}")
+            }
+            Err(other) => panic!("{setting}: {other:?}"),
+            Ok(_) => panic!("{setting}: an impossible setting was accepted"),
+        }
+    }
+    assert_serving(&broker).await;
+}

@@ -469,7 +469,10 @@ mod tests {
     }
 
     /// The first and last offsets of an append, or the error's name.
-    async fn append(partition: &Arc<Partition>, batches: &[BytesMut]) -> Result<(u64, u64), String> {
+    async fn append(
+        partition: &Arc<Partition>,
+        batches: &[BytesMut],
+    ) -> Result<(u64, u64), String> {
         let mut entry = BytesMut::new();
         for b in batches {
             entry.extend_from_slice(b);
