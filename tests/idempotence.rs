@@ -492,3 +492,96 @@ async fn graceful_restart_in_the_middle_stores_each_record_once() {
     }
     finish(sent, producer, &direct, topic).await;
 }
+
+/// Guards the broker's side of a given-up stream: once a newer `ProduceStream` has sent a
+/// producer's batches to a partition, the producer's batches still arriving on an older stream
+/// are refused (a client sends them again on its new stream, perhaps stamped afresh under the
+/// next epoch, so a late copy could be stored twice). Other producers on the older stream go on.
+#[tokio::test]
+async fn an_older_produce_stream_cannot_append_after_a_newer_one() {
+    let broker = TestBroker::start().await;
+    let topic = "idem.streams";
+    broker
+        .client()
+        .await
+        .admin()
+        .create_topic(topic, TopicOptions::new().partitions(1))
+        .await
+        .expect("create topic");
+    let mut rpc = broker.rpc().await;
+    let producer_id = within(
+        "a producer id",
+        rpc.init_producer_id(pb::InitProducerIdRequest::default()),
+    )
+    .await
+    .expect("producer id")
+    .into_inner()
+    .producer_id;
+    // Opened one after the other, so the broker numbers `older` below `newer`.
+    let open = |rpc: &mut pb::octolog_client::OctologClient<tonic::transport::Channel>| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<pb::ProduceStreamRequest>();
+        let mut rpc = rpc.clone();
+        async move {
+            let answers = within(
+                "a stream to open",
+                rpc.produce_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)),
+            )
+            .await
+            .expect("stream opens")
+            .into_inner();
+            (tx, answers, 0u64)
+        }
+    };
+    let mut older = open(&mut rpc).await;
+    let mut newer = open(&mut rpc).await;
+    // Sends one batch of `producer` at `sequence` on `stream`; its error code and offset.
+    async fn send(
+        stream: &mut (
+            tokio::sync::mpsc::UnboundedSender<pb::ProduceStreamRequest>,
+            tonic::Streaming<pb::ProduceStreamResponse>,
+            u64,
+        ),
+        topic: &str,
+        producer: i64,
+        sequence: i32,
+    ) -> (i32, u64, String) {
+        let mut builder = octolog_batch::BatchBuilder::new();
+        builder.producer(producer, 0, sequence);
+        builder.push(0, None, Some(format!("seq-{sequence}").as_bytes()), &[]);
+        let request_id = stream.2;
+        stream.2 += 1;
+        stream
+            .0
+            .send(pb::ProduceStreamRequest {
+                request_id,
+                topic: topic.into(),
+                partitions: vec![pb::PartitionBatches {
+                    partition: 0,
+                    batches: builder.finish().freeze(),
+                }],
+            })
+            .expect("stream open");
+        let answer = within("an answer", stream.1.message())
+            .await
+            .expect("answer")
+            .expect("stream goes on");
+        assert_eq!(answer.request_id, request_id);
+        assert_eq!(answer.status_code, 0, "{answer:?}");
+        let p = &answer.partitions[0];
+        (p.error_code, p.base_offset, p.error_message.clone())
+    }
+    assert_eq!(send(&mut older, topic, producer_id, 0).await.0, 0);
+    assert_eq!(send(&mut newer, topic, producer_id, 1).await.0, 0);
+    let (code, _, message) = send(&mut older, topic, producer_id, 2).await;
+    assert_eq!(code, pb::ErrorCode::ProducerFenced as i32, "{message}");
+    assert!(message.contains("newer produce stream"), "{message}");
+    assert_eq!(
+        send(&mut newer, topic, producer_id, 2).await,
+        (0, 2, String::new())
+    );
+    // A producer the newer stream never sent for is not held to it.
+    assert_eq!(
+        send(&mut older, topic, producer_id + 1, 0).await,
+        (0, 3, String::new())
+    );
+}

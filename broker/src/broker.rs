@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use crate::config::BrokerConfig;
 use crate::error::{BrokerError, Result};
 use crate::group::{Coordinator, MemberContext};
 use crate::producer_ids::ProducerIds;
+use crate::producer_state::StreamId;
 use crate::topic::{validate_topic_name, Topic, TopicSpec};
 
 /// One partition of a topic, described.
@@ -149,6 +150,8 @@ pub struct Broker {
     subscriptions: Arc<Semaphore>,
     /// Round-robin counter for keyless records on the simple produce path.
     round_robin: AtomicU32,
+    /// The id of the last `ProduceStream` opened.
+    produce_streams: AtomicU64,
     /// Set when shutdown starts: waits end and new work is refused.
     shutting_down: AtomicBool,
     /// Wakes waiting fetches and subscriptions when shutdown starts.
@@ -244,6 +247,7 @@ impl Broker {
             topics: RwLock::new(topics),
             admin: Mutex::new(()),
             round_robin: AtomicU32::new(0),
+            produce_streams: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
             producer_ids,
@@ -448,22 +452,31 @@ impl Broker {
         Ok(info)
     }
 
-    /// Appends v2 batches to a partition at once, in the caller's order, and returns the append
-    /// still to complete (durability under flush policy `always`, waking readers); see
-    /// `Partition::append_ordered`.
+    /// A new `ProduceStream`'s id: larger than every earlier stream's.
+    pub fn open_produce_stream(&self) -> StreamId {
+        self.produce_streams.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Appends v2 batches that came on produce stream `stream` to a partition at once, in the
+    /// caller's order, and returns the append still to complete (durability under flush policy
+    /// `always`, waking readers); see `Partition::append_ordered`.
     ///
     /// # Errors
     ///
-    /// As `produce_batches`; nothing is appended then.
+    /// As `produce_batches`, and `StaleProduceStream` when a newer stream has sent the same
+    /// producer's batches to the partition; nothing is appended then.
     pub fn produce_batches_ordered(
         &self,
         topic: &str,
         partition: u32,
         batches: BytesMut,
+        stream: StreamId,
     ) -> Result<PendingProduce> {
         self.check_running()?;
         let topic = self.topic(topic)?;
-        let pending = topic.partition(partition)?.append_ordered(batches)?;
+        let pending = topic
+            .partition(partition)?
+            .append_ordered(batches, Some(stream))?;
         Ok(PendingProduce { topic, pending })
     }
 

@@ -106,6 +106,19 @@ pub enum BrokerError {
         /// The epoch the partition knows.
         current_epoch: i16,
     },
+    /// Idempotent produce over `ProduceStream`: a newer stream has written this producer's
+    /// batches to the partition, so what still arrives on an older stream is a stale copy of a
+    /// request the client has already sent again (see `producer_state::StreamOwners`). Nothing
+    /// of the entry was appended.
+    #[error("topic {topic:?} partition {partition}: producer {producer_id} already writes to this partition over a newer produce stream; requests still arriving on an older stream are stale copies and are not appended")]
+    StaleProduceStream {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The producer.
+        producer_id: i64,
+    },
     /// Idempotent produce: the partition has no state for the producer and the batch does not
     /// start a sequence.
     #[error("topic {topic:?} partition {partition}: no state for producer {producer_id}, and its batch starts at sequence {base_sequence} instead of 0 (the state was lost, e.g. to retention): resend under the next epoch from sequence 0, or under a new producer id from InitProducerId")]

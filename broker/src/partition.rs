@@ -21,7 +21,9 @@ use octolog_storage::{AppendInfo, FlushPolicy, Log, LogConfig, ReadBatches, Rete
 use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
-use crate::producer_state::{self, Plan, ProducerStates, Violation, SNAPSHOT_FILE};
+use crate::producer_state::{
+    self, Plan, ProducerStates, StreamId, StreamOwners, Violation, SNAPSHOT_FILE,
+};
 use crate::topic::write_atomically;
 
 /// A partition of a topic.
@@ -38,6 +40,9 @@ pub struct Partition {
     appended: Arc<watch::Sender<u64>>,
     /// Idempotent producers' state; held across check and append of idempotent entries.
     producers: Arc<Mutex<ProducerStates>>,
+    /// Per producer, the newest `ProduceStream` that sent its batches here: older streams' late
+    /// copies are refused. Locked inside `producers`.
+    stream_owners: Mutex<StreamOwners>,
     /// Bytes appended since the last producer-state snapshot: maintenance writes a new one
     /// after about a segment's worth, which bounds the walk after an unclean shutdown.
     bytes_since_snapshot: Arc<AtomicU64>,
@@ -99,6 +104,7 @@ impl Partition {
             log: Arc::new(log),
             appended,
             producers: Arc::new(Mutex::new(producers)),
+            stream_owners: Mutex::new(StreamOwners::default()),
             // A long walk now is a reason to snapshot soon.
             bytes_since_snapshot: Arc::new(AtomicU64::new(rebuilt.bytes_walked)),
             snapshot_stale: Arc::new(AtomicBool::new(snapshot_stale)),
@@ -128,20 +134,19 @@ impl Partition {
     /// the records are durable (flush policy `always`) and wakes readers. For streams whose
     /// requests must be appended in the order they arrive (`ProduceStream`): the next request is
     /// appended while this one waits for its fsync, and both share it (group commit). Checked
-    /// as [`Partition::append`] checks.
+    /// as [`Partition::append`] checks; `stream` names the `ProduceStream` the batches came on,
+    /// if any, so that a newer stream of their producer fences older ones (`StreamOwners`).
     ///
     /// # Errors
     ///
-    /// As [`Partition::append`]; nothing is appended then.
-    pub fn append_ordered(self: &Arc<Self>, mut batches: BytesMut) -> Result<PendingAppend> {
+    /// As [`Partition::append`], and `StaleProduceStream`; nothing is appended then.
+    pub fn append_ordered(
+        self: &Arc<Self>,
+        mut batches: BytesMut,
+        stream: Option<StreamId>,
+    ) -> Result<PendingAppend> {
         let size = batches.len() as u64;
-        let (info, fresh) = append_checked(
-            &self.log,
-            &self.producers,
-            &mut batches,
-            &self.topic,
-            self.id,
-        )?;
+        let (info, fresh) = append_checked(self, &mut batches, stream)?;
         Ok(PendingAppend {
             partition: Arc::clone(self),
             info,
@@ -172,11 +177,11 @@ impl Partition {
         // blocking thread, which finishes even if the request is cancelled meanwhile.
         if self.log.config().flush == FlushPolicy::Always {
             let partition = Arc::clone(self);
-            tokio::task::spawn_blocking(move || partition.append_ordered(batches)?.finish())
+            tokio::task::spawn_blocking(move || partition.append_ordered(batches, None)?.finish())
                 .await
                 .map_err(|e| BrokerError::InvalidRequest(format!("append task failed: {e}")))?
         } else {
-            self.append_ordered(batches)?.finish()
+            self.append_ordered(batches, None)?.finish()
         }
     }
 
@@ -288,16 +293,20 @@ impl Partition {
     }
 }
 
-/// Appends `batches` without waiting for the disk (`Log::append_unflushed`), checking idempotent
-/// ones against `producers` under its mutex. Returns the offsets, and whether anything was
-/// appended (false for a retried entry). The caller must `wait_durable` before it answers.
+/// Appends `batches` to `partition`'s log without waiting for the disk
+/// (`Log::append_unflushed`), checking idempotent ones against its producer state under that
+/// mutex (and, for batches that came on `stream`, against the producers' newest streams).
+/// Returns the offsets, and whether anything was appended (false for a retried entry). The
+/// caller must `wait_durable` before it answers.
 fn append_checked(
-    log: &Log,
-    producers: &Mutex<ProducerStates>,
+    target: &Partition,
     batches: &mut BytesMut,
-    topic: &str,
-    partition: u32,
+    stream: Option<StreamId>,
 ) -> Result<(AppendInfo, bool)> {
+    let log = &*target.log;
+    let producers = &*target.producers;
+    let topic = target.topic.as_str();
+    let partition = target.id;
     let storage = |source| BrokerError::Storage {
         topic: topic.to_string(),
         partition,
@@ -315,6 +324,19 @@ fn append_checked(
             .map_err(storage);
     }
     let mut states = producers.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(stream) = stream {
+        let mut owners = target
+            .stream_owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        owners
+            .claim(&headers, stream)
+            .map_err(|producer_id| BrokerError::StaleProduceStream {
+                topic: topic.to_string(),
+                partition,
+                producer_id,
+            })?;
+    }
     let plan = states.plan(&headers).map_err(|violation| match violation {
         Violation::OutOfOrder {
             producer_id,
@@ -796,6 +818,60 @@ mod tests {
         assert_eq!(p.log().log_end_offset(), Offset(total));
     }
 
+    /// Appends `batch` as if it came on produce stream `stream`; the first and last offsets,
+    /// or the error's name.
+    fn append_on(
+        p: &Arc<Partition>,
+        stream: StreamId,
+        batch: BytesMut,
+    ) -> Result<(u64, u64), String> {
+        match p
+            .append_ordered(batch, Some(stream))
+            .and_then(PendingAppend::finish)
+        {
+            Ok(info) => Ok((info.first_offset.0, info.last_offset.0)),
+            Err(BrokerError::OutOfOrderSequence { .. }) => Err("out of order".into()),
+            Err(BrokerError::StaleProduceStream { .. }) => Err("stale stream".into()),
+            Err(other) => Err(other.to_string()),
+        }
+    }
+
+    /// Guards against storing records twice when a client gives up a stream whose copy of a
+    /// request the broker reads late. The client sent sequence 1 on stream 1, gave the stream
+    /// up, and sent sequences 1 and 2 again on stream 2, where sequence 1 was lost (say, refused
+    /// as too large) and 2 was refused as out of order. The client then stamps them afresh
+    /// under the next epoch; stream 1's copy of sequence 1, read only now, must not be stored,
+    /// or its records would be there twice.
+    #[tokio::test]
+    async fn a_given_up_stream_cannot_append_after_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path(), &config(FlushPolicy::Never));
+        assert_eq!(append_on(&p, 1, batch(7, 0, 0, 1)), Ok((0, 0)));
+        assert_eq!(
+            append_on(&p, 2, batch(7, 0, 2, 1)),
+            Err("out of order".into())
+        );
+        assert_eq!(
+            append_on(&p, 1, batch(7, 0, 1, 1)),
+            Err("stale stream".into())
+        );
+        assert_eq!(append_on(&p, 2, batch(7, 1, 0, 1)), Ok((1, 1)));
+        assert_eq!(append_on(&p, 2, batch(7, 1, 1, 1)), Ok((2, 2)));
+        let values: Vec<String> = read_all(&p).into_iter().map(|(_, v)| v).collect();
+        assert_eq!(values, ["7-0-0", "7-1-0", "7-1-1"]);
+
+        // Other producers, and batches without a stream (`Produce`, `ProduceBatches`), are
+        // not held to stream 2; a newer stream takes the producer over.
+        assert_eq!(append_on(&p, 1, batch(8, 0, 0, 1)), Ok((3, 3)));
+        assert_eq!(append(&p, &[batch(7, 1, 2, 1)]).await, Ok((4, 4)));
+        assert_eq!(append_on(&p, 3, batch(7, 1, 3, 1)), Ok((5, 5)));
+        assert_eq!(
+            append_on(&p, 2, batch(7, 1, 4, 1)),
+            Err("stale stream".into())
+        );
+        assert_eq!(p.log().log_end_offset(), Offset(6));
+    }
+
     /// Guards that a retry is answered only once the records it points to are durable: when it
     /// arrives, the original's appender may have written them and released the mutex but not
     /// yet be through its fsync. Also shows that another producer is not held up meanwhile.
@@ -806,8 +882,7 @@ mod tests {
         let entry = batch(1, 0, 0, 3);
         // The original, stopped where its appender has released the mutex, before its wait.
         let mut original = entry.clone();
-        let (info, appended) =
-            append_checked(p.log(), &p.producers, &mut original, "jobs", 0).unwrap();
+        let (info, appended) = append_checked(&p, &mut original, None).unwrap();
         assert!(appended);
         assert_eq!(
             (info.first_offset, info.last_offset),
@@ -824,7 +899,7 @@ mod tests {
 
         // Another producer appends while a first one still waits; its flush covers both.
         let mut first = batch(2, 0, 0, 1);
-        let (info, _) = append_checked(p.log(), &p.producers, &mut first, "jobs", 0).unwrap();
+        let (info, _) = append_checked(&p, &mut first, None).unwrap();
         assert_eq!(info.first_offset, Offset(3));
         assert_eq!(append(&p, &[batch(3, 0, 0, 1)]).await, Ok((4, 4)));
         assert_eq!(p.log().recovery_point(), Offset(5));
@@ -844,7 +919,7 @@ mod tests {
             append(&p, &[batch(1, 0, seq, 1)]).await.unwrap();
         }
         let mut waiting = batch(2, 0, 0, 2);
-        append_checked(p.log(), &p.producers, &mut waiting, "jobs", 0).unwrap();
+        append_checked(&p, &mut waiting, None).unwrap();
         assert!(p.log().recovery_point() < p.log().log_end_offset());
         assert!(p.snapshot_if_due().unwrap());
         let end = p.log().log_end_offset();

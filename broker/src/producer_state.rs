@@ -248,6 +248,60 @@ fn advance(entry: Option<ProducerEntry>, id: &BatchIdentity, meta: BatchMetadata
     }
 }
 
+/// Identifies one `ProduceStream` of a broker process; later streams have larger ids.
+pub type StreamId = u64;
+
+/// Per producer id, the newest `ProduceStream` that has sent the producer's batches to one
+/// partition. In memory only: stream ids start again with the process, and so do streams.
+///
+/// A client sends a producer's requests over one stream at a time. When it gives a stream up
+/// (no answer in time, a broken connection) it sends the unanswered requests again on a new one,
+/// and after some refusals (out of order, unknown producer, a failed request) it stamps them
+/// afresh under the next epoch. The given-up stream may still deliver its copies late: a
+/// connection the client thinks dead can still be read by the broker. Appended after the
+/// refusal that made the client stamp afresh, such a copy would be stored twice, once under
+/// each epoch. So once a newer stream has reached the partition for a producer (appended or
+/// refused), batches of that producer from older streams are refused, under the same mutex as
+/// the sequence checks. A copy that arrives before the newer stream is either the first one
+/// (then its retry is a duplicate) or refused by sequence like the others.
+#[derive(Debug, Default)]
+pub struct StreamOwners {
+    /// Producer id -> newest stream seen for it.
+    streams: HashMap<i64, StreamId>,
+}
+
+impl StreamOwners {
+    /// Claims the producers of `headers` for `stream`, unless a newer stream holds one of them:
+    /// then `Err` with that producer id, and nothing changes.
+    pub fn claim(&mut self, headers: &[BatchHeader], stream: StreamId) -> Result<(), i64> {
+        let ids = || {
+            headers
+                .iter()
+                .map(|h| h.producer_id)
+                .filter(|&id| id != NO_PRODUCER_ID)
+        };
+        if let Some(id) = ids().find(|id| self.streams.get(id).is_some_and(|&s| s > stream)) {
+            return Err(id);
+        }
+        for id in ids() {
+            if !self.streams.contains_key(&id) && self.streams.len() >= PRODUCERS_PER_PARTITION_MAX
+            {
+                // The oldest stream is the likeliest to be gone. A scan, only when full.
+                let oldest = self
+                    .streams
+                    .iter()
+                    .min_by_key(|(_, &s)| s)
+                    .map(|(&id, _)| id);
+                if let Some(oldest) = oldest {
+                    self.streams.remove(&oldest);
+                }
+            }
+            self.streams.insert(id, stream);
+        }
+        Ok(())
+    }
+}
+
 /// The state of every producer that wrote to one partition.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ProducerStates {

@@ -19,6 +19,7 @@ use crate::broker::{
 };
 use crate::error::BrokerError;
 use crate::partition::Partition;
+use crate::producer_state::StreamId;
 
 /// Messages queued per push subscription before the subscription waits for the client (gRPC flow
 /// control does the rest).
@@ -47,7 +48,9 @@ pub fn status(error: BrokerError) -> Status {
         BrokerError::OutOfOrderSequence { .. } | BrokerError::UnknownProducerId { .. } => {
             Code::FailedPrecondition
         }
-        BrokerError::ProducerFenced { .. } => Code::PermissionDenied,
+        BrokerError::ProducerFenced { .. } | BrokerError::StaleProduceStream { .. } => {
+            Code::PermissionDenied
+        }
         BrokerError::Storage { source, .. } => match source {
             StorageError::OffsetOutOfRange { .. } => Code::OutOfRange,
             StorageError::InvalidBatch { .. } | StorageError::EmptyAppend => Code::InvalidArgument,
@@ -72,7 +75,9 @@ pub fn error_code(error: &BrokerError) -> pb::ErrorCode {
         BrokerError::UnknownMember { .. } => pb::ErrorCode::UnknownMember,
         BrokerError::FencedMemberEpoch { .. } => pb::ErrorCode::FencedMemberEpoch,
         BrokerError::OutOfOrderSequence { .. } => pb::ErrorCode::OutOfOrderSequence,
-        BrokerError::ProducerFenced { .. } => pb::ErrorCode::ProducerFenced,
+        BrokerError::ProducerFenced { .. } | BrokerError::StaleProduceStream { .. } => {
+            pb::ErrorCode::ProducerFenced
+        }
         BrokerError::UnknownProducerId { .. } => pb::ErrorCode::UnknownProducerId,
         BrokerError::Storage { source, .. } => match source {
             StorageError::OffsetOutOfRange { .. } => pb::ErrorCode::OffsetOutOfRange,
@@ -169,7 +174,6 @@ fn partition_data(
     data
 }
 
-/// Refuses a request that names a partition more than once.
 /// The log rewrites base offsets in place: takes the buffer if we own it, else copies it.
 fn owned(batches: bytes::Bytes) -> BytesMut {
     batches
@@ -201,18 +205,20 @@ fn produce_result(
 /// Each partition of a `ProduceStream` request with its append, pending or failed.
 type StreamAppends = Vec<(u32, Result<PendingProduce, BrokerError>)>;
 
-/// Appends one `ProduceStream` request's partitions at once, in order. A failure of the request
-/// as a whole (unknown topic, malformed, shutting down before anything was appended) is a
-/// status; otherwise each partition's append, pending or failed.
+/// Appends the partitions of one request of produce stream `stream` at once, in order. A
+/// failure of the request as a whole (unknown topic, malformed, shutting down before anything
+/// was appended) is a status; otherwise each partition's append, pending or failed.
 fn begin_stream_produce(
     broker: &Broker,
+    stream: StreamId,
     r: pb::ProduceStreamRequest,
 ) -> Result<StreamAppends, Status> {
     broker.topic(&r.topic).map_err(status)?;
     check_distinct(r.partitions.iter().map(|p| p.partition))?;
     let mut appends = Vec::with_capacity(r.partitions.len());
     for p in r.partitions {
-        let result = broker.produce_batches_ordered(&r.topic, p.partition, owned(p.batches));
+        let result =
+            broker.produce_batches_ordered(&r.topic, p.partition, owned(p.batches), stream);
         if appends.is_empty() {
             if let Err(BrokerError::ShuttingDown) = result {
                 return Err(status(BrokerError::ShuttingDown));
@@ -244,6 +250,7 @@ async fn complete_stream_produce(
     }
 }
 
+/// Refuses a request that names a partition more than once.
 fn check_distinct(partitions: impl IntoIterator<Item = u32>) -> Result<(), Status> {
     let mut seen = std::collections::HashSet::new();
     for partition in partitions {
@@ -519,6 +526,7 @@ impl Octolog for OctologService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(PRODUCE_STREAM_QUEUE_DEPTH);
         let broker = Arc::clone(&self.broker);
+        let stream = broker.open_produce_stream();
         let mut shutdown = broker.watch_shutdown();
         // One task reads the stream and appends each request before it reads the next: that is
         // the order guarantee. Answers that wait for an fsync are sent by tasks of their own, so
@@ -603,13 +611,13 @@ impl Octolog for OctologService {
                 }
                 let begun = if blocking {
                     let broker = Arc::clone(&broker);
-                    tokio::task::spawn_blocking(move || begin_stream_produce(&broker, r))
+                    tokio::task::spawn_blocking(move || begin_stream_produce(&broker, stream, r))
                         .await
                         .unwrap_or_else(|e| {
                             Err(Status::internal(format!("append task failed: {e}")))
                         })
                 } else {
-                    begin_stream_produce(&broker, r)
+                    begin_stream_produce(&broker, stream, r)
                 };
                 let answer = match begun {
                     Err(status) => failed(status),
