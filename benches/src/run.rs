@@ -8,6 +8,8 @@
 //! filler (`args::MESSAGE_HEADER_BYTES`). A consumer subtracts the send time from the time the
 //! record reached it, so latency covers batching (linger), the produce request, the append, the
 //! fetch and decoding. Producers and consumers run in this process, so they share one clock.
+//! With `--replay` nothing reads those fields back: every record then carries one shared value
+//! (zeros, then the filler), as Kafka's producer performance tool sends one payload.
 //!
 //! Consumers either each read a fixed share of the partitions (`assign`), or with `--group` join
 //! one consumer group and let the broker share the partitions among them, committing what they
@@ -634,6 +636,10 @@ async fn produce(
     for (i, byte) in template.iter_mut().enumerate().skip(MESSAGE_HEADER_BYTES) {
         *byte = b'a' + (i % 26) as u8;
     }
+    // A replay reads neither send time nor sequence back: every record then carries the same
+    // value, shared rather than copied, as Kafka's producer performance tool sends one payload,
+    // so the producer's own work is what is measured.
+    let shared_value = plan.replay.then(|| template.clone().freeze());
     let mut pending = VecDeque::with_capacity(DELIVERIES_PENDING_MAX.min(records as usize));
     let mut arena = BytesMut::new();
     // The pacing schedule: record `seq` is due at `schedule_start + pacing_offset(seq -
@@ -655,21 +661,28 @@ async fn produce(
                 schedule_first = seq;
             }
         }
-        // Values are cut from a shared allocation, a malloc per VALUES_PER_ALLOCATION records
-        // rather than one each (the producer copies each value into its batch at once).
-        if arena.capacity() - arena.len() < plan.message_bytes {
-            arena = BytesMut::with_capacity(
-                (plan.message_bytes * VALUES_PER_ALLOCATION)
-                    .min(ARENA_BYTES_MAX)
-                    .max(plan.message_bytes),
-            );
-        }
-        arena.extend_from_slice(&template);
-        let mut value = arena.split();
-        value[0..8].copy_from_slice(&now_ns().to_le_bytes());
-        value[8..16].copy_from_slice(&seq.to_le_bytes());
+        let value = match &shared_value {
+            Some(value) => value.clone(),
+            None => {
+                // Values are cut from a shared allocation, a malloc per VALUES_PER_ALLOCATION
+                // records rather than one each (the producer copies each value into its batch
+                // at once).
+                if arena.capacity() - arena.len() < plan.message_bytes {
+                    arena = BytesMut::with_capacity(
+                        (plan.message_bytes * VALUES_PER_ALLOCATION)
+                            .min(ARENA_BYTES_MAX)
+                            .max(plan.message_bytes),
+                    );
+                }
+                arena.extend_from_slice(&template);
+                let mut value = arena.split();
+                value[0..8].copy_from_slice(&now_ns().to_le_bytes());
+                value[8..16].copy_from_slice(&seq.to_le_bytes());
+                value.freeze()
+            }
+        };
         let delivery = producer
-            .send(ProducerRecord::new(plan.topic.as_str(), value.freeze()))
+            .send(ProducerRecord::new(plan.topic.as_str(), value))
             .await
             .map_err(context("cannot send a record"))?;
         counters
