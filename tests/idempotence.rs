@@ -517,7 +517,8 @@ async fn an_older_produce_stream_cannot_append_after_a_newer_one() {
     .expect("producer id")
     .into_inner()
     .producer_id;
-    // Opened one after the other, so the broker numbers `older` below `newer`.
+    // Opened one after the other, each awaited until the broker has answered its opening (so
+    // its handler has run and numbered it): the broker numbers `older` below `newer`.
     let open = |rpc: &mut pb::octolog_client::OctologClient<tonic::transport::Channel>| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<pb::ProduceStreamRequest>();
         let mut rpc = rpc.clone();

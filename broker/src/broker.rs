@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use crate::config::BrokerConfig;
 use crate::error::{BrokerError, Result};
 use crate::group::{Coordinator, MemberContext};
 use crate::producer_ids::ProducerIds;
-use crate::producer_state::StreamId;
+use crate::producer_state::{OpenStream, ProduceStreams};
 use crate::topic::{validate_topic_name, Topic, TopicSpec};
 
 /// One partition of a topic, described.
@@ -150,8 +150,8 @@ pub struct Broker {
     subscriptions: Arc<Semaphore>,
     /// Round-robin counter for keyless records on the simple produce path.
     round_robin: AtomicU32,
-    /// The id of the last `ProduceStream` opened.
-    produce_streams: AtomicU64,
+    /// The `ProduceStream`s: their ids, and which are open.
+    produce_streams: Arc<ProduceStreams>,
     /// Set when shutdown starts: waits end and new work is refused.
     shutting_down: AtomicBool,
     /// Wakes waiting fetches and subscriptions when shutdown starts.
@@ -247,7 +247,7 @@ impl Broker {
             topics: RwLock::new(topics),
             admin: Mutex::new(()),
             round_robin: AtomicU32::new(0),
-            produce_streams: AtomicU64::new(0),
+            produce_streams: Arc::default(),
             shutting_down: AtomicBool::new(false),
             shutdown: watch::channel(false).0,
             producer_ids,
@@ -452,9 +452,10 @@ impl Broker {
         Ok(info)
     }
 
-    /// A new `ProduceStream`'s id: larger than every earlier stream's.
-    pub fn open_produce_stream(&self) -> StreamId {
-        self.produce_streams.fetch_add(1, Ordering::Relaxed) + 1
+    /// Opens a `ProduceStream`: its id is larger than every earlier stream's, and it counts as
+    /// open until dropped.
+    pub fn open_produce_stream(&self) -> OpenStream {
+        self.produce_streams.open()
     }
 
     /// Appends v2 batches that came on produce stream `stream` to a partition at once, in the
@@ -470,7 +471,7 @@ impl Broker {
         topic: &str,
         partition: u32,
         batches: BytesMut,
-        stream: StreamId,
+        stream: &OpenStream,
     ) -> Result<PendingProduce> {
         self.check_running()?;
         let topic = self.topic(topic)?;

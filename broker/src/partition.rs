@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::error::{BrokerError, Result};
 use crate::producer_state::{
-    self, Plan, ProducerStates, StreamId, StreamOwners, Violation, SNAPSHOT_FILE,
+    self, OpenStream, Plan, ProducerStates, StreamOwners, Violation, SNAPSHOT_FILE,
 };
 use crate::topic::write_atomically;
 
@@ -143,7 +143,7 @@ impl Partition {
     pub fn append_ordered(
         self: &Arc<Self>,
         mut batches: BytesMut,
-        stream: Option<StreamId>,
+        stream: Option<&OpenStream>,
     ) -> Result<PendingAppend> {
         let size = batches.len() as u64;
         let (info, fresh) = append_checked(self, &mut batches, stream)?;
@@ -301,7 +301,7 @@ impl Partition {
 fn append_checked(
     target: &Partition,
     batches: &mut BytesMut,
-    stream: Option<StreamId>,
+    stream: Option<&OpenStream>,
 ) -> Result<(AppendInfo, bool)> {
     let log = &*target.log;
     let producers = &*target.producers;
@@ -466,7 +466,7 @@ fn wait_durable(log: &Log, info: &AppendInfo, topic: &str, partition: u32) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::producer_state::PRODUCER_BATCHES_CACHED;
+    use crate::producer_state::{ProduceStreams, PRODUCER_BATCHES_CACHED};
     use octolog_batch::BatchBuilder;
 
     fn open(dir: &Path, config: &LogConfig) -> Arc<Partition> {
@@ -822,7 +822,7 @@ mod tests {
     /// or the error's name.
     fn append_on(
         p: &Arc<Partition>,
-        stream: StreamId,
+        stream: &OpenStream,
         batch: BytesMut,
     ) -> Result<(u64, u64), String> {
         match p
@@ -836,37 +836,40 @@ mod tests {
         }
     }
 
-    /// Guards against storing records twice when a client gives up a stream whose copy of a
-    /// request the broker reads late. The client sent sequence 1 on stream 1, gave the stream
-    /// up, and sent sequences 1 and 2 again on stream 2, where sequence 1 was lost (say, refused
-    /// as too large) and 2 was refused as out of order. The client then stamps them afresh
-    /// under the next epoch; stream 1's copy of sequence 1, read only now, must not be stored,
-    /// or its records would be there twice.
+    /// Guards against storing records twice when the broker reads an ended stream's copy of a
+    /// request late. The client sent sequence 1 on stream 1, which ended, and sent sequences 1
+    /// and 2 again on stream 2, where sequence 1 was lost (say, refused as too large) and 2 was
+    /// refused as out of order. The client then stamps them afresh under the next epoch; stream
+    /// 1's copy of sequence 1, read only now, must not be stored, or its records would be there
+    /// twice.
     #[tokio::test]
-    async fn a_given_up_stream_cannot_append_after_a_newer_one() {
+    async fn an_ended_stream_cannot_append_after_a_newer_one() {
         let dir = tempfile::tempdir().unwrap();
         let p = open(dir.path(), &config(FlushPolicy::Never));
-        assert_eq!(append_on(&p, 1, batch(7, 0, 0, 1)), Ok((0, 0)));
+        let streams = Arc::new(ProduceStreams::default());
+        let (one, two) = (streams.open(), streams.open());
+        assert_eq!(append_on(&p, &one, batch(7, 0, 0, 1)), Ok((0, 0)));
         assert_eq!(
-            append_on(&p, 2, batch(7, 0, 2, 1)),
+            append_on(&p, &two, batch(7, 0, 2, 1)),
             Err("out of order".into())
         );
         assert_eq!(
-            append_on(&p, 1, batch(7, 0, 1, 1)),
+            append_on(&p, &one, batch(7, 0, 1, 1)),
             Err("stale stream".into())
         );
-        assert_eq!(append_on(&p, 2, batch(7, 1, 0, 1)), Ok((1, 1)));
-        assert_eq!(append_on(&p, 2, batch(7, 1, 1, 1)), Ok((2, 2)));
+        assert_eq!(append_on(&p, &two, batch(7, 1, 0, 1)), Ok((1, 1)));
+        assert_eq!(append_on(&p, &two, batch(7, 1, 1, 1)), Ok((2, 2)));
         let values: Vec<String> = read_all(&p).into_iter().map(|(_, v)| v).collect();
         assert_eq!(values, ["7-0-0", "7-1-0", "7-1-1"]);
 
         // Other producers, and batches without a stream (`Produce`, `ProduceBatches`), are
         // not held to stream 2; a newer stream takes the producer over.
-        assert_eq!(append_on(&p, 1, batch(8, 0, 0, 1)), Ok((3, 3)));
+        assert_eq!(append_on(&p, &one, batch(8, 0, 0, 1)), Ok((3, 3)));
         assert_eq!(append(&p, &[batch(7, 1, 2, 1)]).await, Ok((4, 4)));
-        assert_eq!(append_on(&p, 3, batch(7, 1, 3, 1)), Ok((5, 5)));
+        let three = streams.open();
+        assert_eq!(append_on(&p, &three, batch(7, 1, 3, 1)), Ok((5, 5)));
         assert_eq!(
-            append_on(&p, 2, batch(7, 1, 4, 1)),
+            append_on(&p, &two, batch(7, 1, 4, 1)),
             Err("stale stream".into())
         );
         assert_eq!(p.log().log_end_offset(), Offset(6));

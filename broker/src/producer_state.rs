@@ -39,7 +39,8 @@
 //!
 //! Thread-safety: plain data; the partition keeps it behind a mutex held across check and append.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use octolog_batch::{BatchHeader, Offset, NO_PRODUCER_ID};
 use octolog_storage::{Log, StorageError};
@@ -251,19 +252,79 @@ fn advance(entry: Option<ProducerEntry>, id: &BatchIdentity, meta: BatchMetadata
 /// Identifies one `ProduceStream` of a broker process; later streams have larger ids.
 pub type StreamId = u64;
 
+/// The broker's `ProduceStream`s: hands out their ids and knows which are still open.
+#[derive(Debug, Default)]
+pub struct ProduceStreams {
+    state: Mutex<ProduceStreamsState>,
+}
+
+#[derive(Debug, Default)]
+struct ProduceStreamsState {
+    /// The id of the last stream opened.
+    last: StreamId,
+    /// Ids of the streams still open.
+    open: BTreeSet<StreamId>,
+}
+
+impl ProduceStreams {
+    /// Opens a stream, with an id larger than every earlier one's; it is open until dropped.
+    pub fn open(self: &Arc<Self>) -> OpenStream {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.last += 1;
+        let id = state.last;
+        state.open.insert(id);
+        OpenStream {
+            id,
+            streams: Arc::clone(self),
+        }
+    }
+
+    /// The oldest stream still open, if any.
+    fn oldest_open(&self) -> Option<StreamId> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.open.first().copied()
+    }
+}
+
+/// A `ProduceStream` being read; see [`ProduceStreams::open`].
+#[derive(Debug)]
+pub struct OpenStream {
+    id: StreamId,
+    streams: Arc<ProduceStreams>,
+}
+
+impl OpenStream {
+    /// The stream's id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut state = self.streams.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.open.remove(&self.id);
+    }
+}
+
 /// Per producer id, the newest `ProduceStream` that has sent the producer's batches to one
 /// partition. In memory only: stream ids start again with the process, and so do streams.
 ///
-/// A client sends a producer's requests over one stream at a time. When it gives a stream up
-/// (no answer in time, a broken connection) it sends the unanswered requests again on a new one,
-/// and after some refusals (out of order, unknown producer, a failed request) it stamps them
-/// afresh under the next epoch. The given-up stream may still deliver its copies late: a
-/// connection the client thinks dead can still be read by the broker. Appended after the
+/// A client sends a producer's requests over one stream at a time. When that stream ends (a
+/// broken connection, an error) it sends the unanswered requests again on a new one, and after
+/// some refusals (out of order, unknown producer, a failed request) it stamps them afresh under
+/// the next epoch. The broker may still read the ended stream's copies late: a connection the
+/// client has given up can still hold requests the broker has not read. Appended after the
 /// refusal that made the client stamp afresh, such a copy would be stored twice, once under
 /// each epoch. So once a newer stream has reached the partition for a producer (appended or
 /// refused), batches of that producer from older streams are refused, under the same mutex as
 /// the sequence checks. A copy that arrives before the newer stream is either the first one
 /// (then its retry is a duplicate) or refused by sequence like the others.
+///
+/// An entry matters only while a stream older than its own is still open. At
+/// [`PRODUCERS_PER_PARTITION_MAX`] entries, those are dropped first; if every entry still
+/// matters (that many producers, each behind an open older stream), the one of the oldest
+/// stream is, which leaves that producer unfenced.
 #[derive(Debug, Default)]
 pub struct StreamOwners {
     /// Producer id -> newest stream seen for it.
@@ -273,32 +334,52 @@ pub struct StreamOwners {
 impl StreamOwners {
     /// Claims the producers of `headers` for `stream`, unless a newer stream holds one of them:
     /// then `Err` with that producer id, and nothing changes.
-    pub fn claim(&mut self, headers: &[BatchHeader], stream: StreamId) -> Result<(), i64> {
+    pub fn claim(&mut self, headers: &[BatchHeader], stream: &OpenStream) -> Result<(), i64> {
         let ids = || {
             headers
                 .iter()
                 .map(|h| h.producer_id)
                 .filter(|&id| id != NO_PRODUCER_ID)
         };
-        if let Some(id) = ids().find(|id| self.streams.get(id).is_some_and(|&s| s > stream)) {
+        if let Some(id) = ids().find(|id| self.streams.get(id).is_some_and(|&s| s > stream.id)) {
             return Err(id);
         }
         for id in ids() {
             if !self.streams.contains_key(&id) && self.streams.len() >= PRODUCERS_PER_PARTITION_MAX
             {
-                // The oldest stream is the likeliest to be gone. A scan, only when full.
-                let oldest = self
-                    .streams
-                    .iter()
-                    .min_by_key(|(_, &s)| s)
-                    .map(|(&id, _)| id);
-                if let Some(oldest) = oldest {
-                    self.streams.remove(&oldest);
-                }
+                self.make_room(&stream.streams);
             }
-            self.streams.insert(id, stream);
+            self.streams.insert(id, stream.id);
         }
+        assert!(self.streams.len() <= PRODUCERS_PER_PARTITION_MAX);
         Ok(())
+    }
+
+    /// Drops the entries no open stream is older than; if none, the oldest stream's.
+    fn make_room(&mut self, streams: &ProduceStreams) {
+        if let Some(oldest_open) = streams.oldest_open() {
+            self.streams.retain(|_, &mut s| s > oldest_open);
+        }
+        if self.streams.len() >= PRODUCERS_PER_PARTITION_MAX {
+            let oldest = self
+                .streams
+                .iter()
+                .min_by_key(|(_, &s)| s)
+                .map(|(&id, _)| id);
+            if let Some(oldest) = oldest {
+                self.streams.remove(&oldest);
+            }
+        }
+    }
+
+    /// How many producers are remembered.
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Whether no producer is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
     }
 }
 
@@ -679,6 +760,42 @@ mod tests {
             builder.push(1000 + i as i64, None, Some(b"v"), &[]);
         }
         BatchHeader::parse(&builder.finish()).unwrap()
+    }
+
+    /// Guards how a full `StreamOwners` makes room: first by dropping entries no open stream is
+    /// older than (they fence nothing), and only if every entry still fences an open stream,
+    /// one entry of the oldest stream; and that a newer stream's claim refuses an older one's.
+    #[test]
+    fn stream_owners_forget_what_fences_nothing_first() {
+        let streams = Arc::new(ProduceStreams::default());
+        let older = streams.open();
+        let newer = streams.open();
+        assert!(older.id() < newer.id());
+        let mut owners = StreamOwners::default();
+        assert_eq!(owners.claim(&[batch(1, 0, 0, 1)], &newer), Ok(()));
+        assert_eq!(owners.claim(&[batch(1, 0, 1, 1)], &older), Err(1));
+        // A batch without producer id claims nothing.
+        assert_eq!(
+            owners.claim(&[batch(NO_PRODUCER_ID, 0, 0, 1)], &older),
+            Ok(())
+        );
+        assert_eq!(owners.len(), 1);
+
+        // Full of the newer stream's claims, while the older stream is open: each still fences,
+        // so a new producer takes one entry's place.
+        for id in 2..=PRODUCERS_PER_PARTITION_MAX as i64 {
+            owners.claim(&[batch(id, 0, 0, 1)], &newer).unwrap();
+        }
+        assert_eq!(owners.len(), PRODUCERS_PER_PARTITION_MAX);
+        let next = PRODUCERS_PER_PARTITION_MAX as i64 + 1;
+        owners.claim(&[batch(next, 0, 0, 1)], &newer).unwrap();
+        assert_eq!(owners.len(), PRODUCERS_PER_PARTITION_MAX);
+        assert_eq!(owners.claim(&[batch(next, 0, 1, 1)], &older), Err(next));
+
+        // Once the older stream is closed, no entry fences anything: they all go.
+        drop(older);
+        owners.claim(&[batch(next + 1, 0, 0, 1)], &newer).unwrap();
+        assert_eq!(owners.len(), 1);
     }
 
     /// Runs `entries` through plan/record as a partition would, with the log end offset

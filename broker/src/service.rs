@@ -19,7 +19,7 @@ use crate::broker::{
 };
 use crate::error::BrokerError;
 use crate::partition::Partition;
-use crate::producer_state::StreamId;
+use crate::producer_state::OpenStream;
 
 /// Messages queued per push subscription before the subscription waits for the client (gRPC flow
 /// control does the rest).
@@ -210,7 +210,7 @@ type StreamAppends = Vec<(u32, Result<PendingProduce, BrokerError>)>;
 /// was appended) is a status; otherwise each partition's append, pending or failed.
 fn begin_stream_produce(
     broker: &Broker,
-    stream: StreamId,
+    stream: &OpenStream,
     r: pb::ProduceStreamRequest,
 ) -> Result<StreamAppends, Status> {
     broker.topic(&r.topic).map_err(status)?;
@@ -526,7 +526,8 @@ impl Octolog for OctologService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(PRODUCE_STREAM_QUEUE_DEPTH);
         let broker = Arc::clone(&self.broker);
-        let stream = broker.open_produce_stream();
+        // Open, for the fencing of older streams (`StreamOwners`), until the task below ends.
+        let stream = Arc::new(broker.open_produce_stream());
         let mut shutdown = broker.watch_shutdown();
         // One task reads the stream and appends each request before it reads the next: that is
         // the order guarantee. Answers that wait for an fsync are sent by tasks of their own, so
@@ -611,13 +612,14 @@ impl Octolog for OctologService {
                 }
                 let begun = if blocking {
                     let broker = Arc::clone(&broker);
-                    tokio::task::spawn_blocking(move || begin_stream_produce(&broker, stream, r))
+                    let stream = Arc::clone(&stream);
+                    tokio::task::spawn_blocking(move || begin_stream_produce(&broker, &stream, r))
                         .await
                         .unwrap_or_else(|e| {
                             Err(Status::internal(format!("append task failed: {e}")))
                         })
                 } else {
-                    begin_stream_produce(&broker, stream, r)
+                    begin_stream_produce(&broker, &stream, r)
                 };
                 let answer = match begun {
                     Err(status) => failed(status),

@@ -703,7 +703,9 @@ fn is_out_of_order(error: &ClientError) -> bool {
     matches!(error, ClientError::Partition { code, .. } if *code == pb::ErrorCode::OutOfOrderSequence as i32)
 }
 
-/// Whether the broker refused a batch of an older epoch than the partition knows.
+/// Whether the broker refused a batch of an older epoch than the partition knows (or one that
+/// came on an older stream than the producer's newest, an answer this producer never reads: it
+/// has given that stream up by then).
 fn is_fenced(error: &ClientError) -> bool {
     matches!(error, ClientError::Partition { code, .. } if *code == pb::ErrorCode::ProducerFenced as i32)
 }
