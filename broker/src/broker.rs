@@ -443,7 +443,7 @@ impl Broker {
         &self,
         topic: &str,
         partition: u32,
-        batches: BytesMut,
+        batches: Bytes,
     ) -> Result<octolog_storage::AppendInfo> {
         self.check_running()?;
         let topic = self.topic(topic)?;
@@ -470,7 +470,7 @@ impl Broker {
         &self,
         topic: &str,
         partition: u32,
-        batches: BytesMut,
+        batches: Bytes,
         stream: &OpenStream,
     ) -> Result<PendingProduce> {
         self.check_running()?;
@@ -544,7 +544,7 @@ impl Broker {
                 );
             }
             buf.extend_from_slice(&builder.finish());
-            let info = topic.partition(p)?.append(buf).await?;
+            let info = topic.partition(p)?.append(buf.freeze()).await?;
             for (n, &i) in indexes.iter().enumerate() {
                 acks[i] = (p, Offset(info.first_offset.0 + n as u64));
             }

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use octolog_batch::{BatchHeader, Offset, NO_PRODUCER_ID};
 use octolog_storage::{AppendInfo, FlushPolicy, Log, LogConfig, ReadBatches, RetentionOutcome};
 use tokio::sync::watch;
@@ -142,11 +142,11 @@ impl Partition {
     /// As [`Partition::append`], and `StaleProduceStream`; nothing is appended then.
     pub fn append_ordered(
         self: &Arc<Self>,
-        mut batches: BytesMut,
+        batches: Bytes,
         stream: Option<&OpenStream>,
     ) -> Result<PendingAppend> {
         let size = batches.len() as u64;
-        let (info, fresh) = append_checked(self, &mut batches, stream)?;
+        let (info, fresh) = append_checked(self, &batches, stream)?;
         Ok(PendingAppend {
             partition: Arc::clone(self),
             info,
@@ -172,7 +172,7 @@ impl Partition {
     /// `Storage` wrapping what the log said (invalid batch, too large, I/O);
     /// `OutOfOrderSequence`, `ProducerFenced`, `UnknownProducerId` or `InvalidRequest` for
     /// idempotent batches that break the rules, with nothing appended.
-    pub async fn append(self: &Arc<Self>, batches: BytesMut) -> Result<AppendInfo> {
+    pub async fn append(self: &Arc<Self>, batches: Bytes) -> Result<AppendInfo> {
         // The same steps as a stream's ordered append, completed at once; under `always` on a
         // blocking thread, which finishes even if the request is cancelled meanwhile.
         if self.log.config().flush == FlushPolicy::Always {
@@ -300,7 +300,7 @@ impl Partition {
 /// caller must `wait_durable` before it answers.
 fn append_checked(
     target: &Partition,
-    batches: &mut BytesMut,
+    batches: &[u8],
     stream: Option<&OpenStream>,
 ) -> Result<(AppendInfo, bool)> {
     let log = &*target.log;
@@ -467,6 +467,7 @@ fn wait_durable(log: &Log, info: &AppendInfo, topic: &str, partition: u32) -> Re
 mod tests {
     use super::*;
     use crate::producer_state::{ProduceStreams, PRODUCER_BATCHES_CACHED};
+    use bytes::BytesMut;
     use octolog_batch::BatchBuilder;
 
     fn open(dir: &Path, config: &LogConfig) -> Arc<Partition> {
@@ -499,7 +500,7 @@ mod tests {
         for b in batches {
             entry.extend_from_slice(b);
         }
-        match partition.append(entry).await {
+        match partition.append(entry.freeze()).await {
             Ok(info) => Ok((info.first_offset.0, info.last_offset.0)),
             Err(e) => Err(match e {
                 BrokerError::OutOfOrderSequence { .. } => "out of order".into(),
@@ -826,7 +827,7 @@ mod tests {
         batch: BytesMut,
     ) -> Result<(u64, u64), String> {
         match p
-            .append_ordered(batch, Some(stream))
+            .append_ordered(batch.freeze(), Some(stream))
             .and_then(PendingAppend::finish)
         {
             Ok(info) => Ok((info.first_offset.0, info.last_offset.0)),
@@ -884,8 +885,8 @@ mod tests {
         let p = open(dir.path(), &config(FlushPolicy::Always));
         let entry = batch(1, 0, 0, 3);
         // The original, stopped where its appender has released the mutex, before its wait.
-        let mut original = entry.clone();
-        let (info, appended) = append_checked(&p, &mut original, None).unwrap();
+        let original = entry.clone();
+        let (info, appended) = append_checked(&p, &original, None).unwrap();
         assert!(appended);
         assert_eq!(
             (info.first_offset, info.last_offset),
@@ -901,8 +902,8 @@ mod tests {
         assert_eq!(p.log().log_end_offset(), Offset(3));
 
         // Another producer appends while a first one still waits; its flush covers both.
-        let mut first = batch(2, 0, 0, 1);
-        let (info, _) = append_checked(&p, &mut first, None).unwrap();
+        let first = batch(2, 0, 0, 1);
+        let (info, _) = append_checked(&p, &first, None).unwrap();
         assert_eq!(info.first_offset, Offset(3));
         assert_eq!(append(&p, &[batch(3, 0, 0, 1)]).await, Ok((4, 4)));
         assert_eq!(p.log().recovery_point(), Offset(5));
@@ -921,8 +922,8 @@ mod tests {
         for seq in 0..20 {
             append(&p, &[batch(1, 0, seq, 1)]).await.unwrap();
         }
-        let mut waiting = batch(2, 0, 0, 2);
-        append_checked(&p, &mut waiting, None).unwrap();
+        let waiting = batch(2, 0, 0, 2);
+        append_checked(&p, &waiting, None).unwrap();
         assert!(p.log().recovery_point() < p.log().log_end_offset());
         assert!(p.snapshot_if_due().unwrap());
         let end = p.log().log_end_offset();

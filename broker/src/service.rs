@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
 use octolog_batch::Offset;
 use octolog_proto::v1 as pb;
 use octolog_proto::v1::octolog_server::Octolog;
@@ -174,13 +173,6 @@ fn partition_data(
     data
 }
 
-/// The log rewrites base offsets in place: takes the buffer if we own it, else copies it.
-fn owned(batches: bytes::Bytes) -> BytesMut {
-    batches
-        .try_into_mut()
-        .unwrap_or_else(|shared| BytesMut::from(&shared[..]))
-}
-
 /// The result of one partition's part of a produce request.
 fn produce_result(
     partition: u32,
@@ -217,8 +209,7 @@ fn begin_stream_produce(
     check_distinct(r.partitions.iter().map(|p| p.partition))?;
     let mut appends = Vec::with_capacity(r.partitions.len());
     for p in r.partitions {
-        let result =
-            broker.produce_batches_ordered(&r.topic, p.partition, owned(p.batches), stream);
+        let result = broker.produce_batches_ordered(&r.topic, p.partition, p.batches, stream);
         if appends.is_empty() {
             if let Err(BrokerError::ShuttingDown) = result {
                 return Err(status(BrokerError::ShuttingDown));
@@ -396,7 +387,7 @@ impl Octolog for OctologService {
         for p in r.partitions {
             let result = self
                 .broker
-                .produce_batches(&r.topic, p.partition, owned(p.batches))
+                .produce_batches(&r.topic, p.partition, p.batches)
                 .await;
             // Nothing appended yet: fail the request as a whole. Later, report it per
             // partition, since earlier partitions of the request were appended.

@@ -21,8 +21,8 @@
 //! let mut builder = BatchBuilder::new();
 //! builder.push(1_700_000_000_000, Some(b"job-42"), Some(b"queued"), &[]);
 //! builder.push(1_700_000_000_001, Some(b"job-42"), Some(b"executing"), &[]);
-//! let mut batch = builder.finish();
-//! let appended = log.append(&mut batch)?;
+//! let batch = builder.finish();
+//! let appended = log.append(&batch)?;
 //! assert_eq!(appended.first_offset, Offset(0));
 //! assert_eq!(appended.log_end_offset, Offset(2));
 //!

@@ -389,8 +389,10 @@ impl Log {
     }
 
     /// Appends whole v2 record batches, back to back in `batches`, and gives them the next
-    /// offsets: each batch's base offset (outside its CRC) is rewritten in place. Every batch is
-    /// validated (structure, magic, CRC-32C, size) before anything is written.
+    /// offsets: each batch is written with its new base offset (outside its CRC) in place of
+    /// its own, gathered in one write, so `batches` is neither copied nor changed (it may be a
+    /// slice of the request it came in). Every batch is validated (structure, magic, CRC-32C,
+    /// size) before anything is written.
     ///
     /// With `FlushPolicy::Always` it returns once the batches are on disk; concurrent appends
     /// share one `fdatasync`. It is `append_unflushed` followed by `flush_to`.
@@ -400,7 +402,7 @@ impl Log {
     /// `EmptyAppend`, `InvalidBatch` or `BatchTooLarge` for bad input, with the log untouched;
     /// `Closed` after `close`; `Io` if the disk fails (batches appended before the failure stay),
     /// and as `flush_to`.
-    pub fn append(&self, batches: &mut [u8]) -> Result<AppendInfo> {
+    pub fn append(&self, batches: &[u8]) -> Result<AppendInfo> {
         let info = self.append_unflushed(batches)?;
         if self.config.flush == FlushPolicy::Always {
             self.flush_to(info.log_end_offset)?;
@@ -421,7 +423,7 @@ impl Log {
     /// # Errors
     ///
     /// As `append`, except that it never waits for a flush.
-    pub fn append_unflushed(&self, batches: &mut [u8]) -> Result<AppendInfo> {
+    pub fn append_unflushed(&self, batches: &[u8]) -> Result<AppendInfo> {
         self.validate(batches)?;
         let _writer = lock(&self.writer);
         self.check_writable()?;
@@ -449,7 +451,7 @@ impl Log {
     }
 
     /// Appends validated batches. Called with the writer lock held.
-    fn append_locked(&self, batches: &mut [u8]) -> Result<AppendInfo> {
+    fn append_locked(&self, batches: &[u8]) -> Result<AppendInfo> {
         let first_offset = self.log_end_offset.load(Ordering::Acquire);
         let mut records = 0u64;
         let mut at = 0usize;
@@ -475,26 +477,28 @@ impl Log {
         if active.is_due_by_age(self.config.segment_ms) {
             active = self.roll_locked()?;
         }
+        // Batches go to the active segment in chunks, a roll between two; the segment writes
+        // each batch with its base offset (the caller's bytes are left as they are).
         let (mut chunk_start, mut chunk_batches, mut position) = (0usize, 0usize, 0usize);
+        let mut chunk_first_offset = first_offset;
         while position < batches.len() {
             let header = BatchHeader::parse(&batches[position..]).expect("validated");
             let last_offset = next_offset + header.last_offset_delta as u64;
             let chunk_bytes = position + header.size() - chunk_start;
             if !active.has_room(chunk_bytes, chunk_batches + 1, last_offset) {
                 if chunk_batches > 0 {
-                    active.append(&batches[chunk_start..position])?;
+                    active.append(&batches[chunk_start..position], chunk_first_offset)?;
                     self.publish_log_end_offset(next_offset);
                 }
-                (chunk_start, chunk_batches) = (position, 0);
+                (chunk_start, chunk_batches, chunk_first_offset) = (position, 0, next_offset);
                 active = self.roll_locked()?;
                 assert!(active.has_room(header.size(), 1, last_offset));
             }
-            octolog_batch::set_base_offset(&mut batches[position..], next_offset as i64);
             next_offset = last_offset + 1;
             position += header.size();
             chunk_batches += 1;
         }
-        active.append(&batches[chunk_start..])?;
+        active.append(&batches[chunk_start..], chunk_first_offset)?;
         self.publish_log_end_offset(next_offset);
         Ok(AppendInfo {
             first_offset: Offset(first_offset),

@@ -575,9 +575,12 @@ impl Segment {
             && last_offset - self.base_offset <= u64::from(u32::MAX)
     }
 
-    /// Appends `chunk`, whole batches whose base offsets are already assigned and which
-    /// `has_room` said fit, at the end of the segment: reserves room for it if needed, writes
-    /// it, indexes it and publishes the new `size`.
+    /// Appends `chunk`, whole validated batches which `has_room` said fit, at the end of the
+    /// segment, the first at offset `first_offset` (the segment's next offset) and each next
+    /// one after its predecessor's last: reserves room if needed, writes the batches with
+    /// those base offsets (gathered in one `pwritev` from the base offsets and the rest of each
+    /// batch, so `chunk`, perhaps shared with the request it came in, is neither copied nor
+    /// changed), indexes them and publishes the new `size`.
     ///
     /// # Errors
     ///
@@ -588,10 +591,12 @@ impl Segment {
     ///
     /// # Panics
     ///
-    /// If the segment is sealed or `chunk` does not fit in the map.
-    pub(crate) fn append(&self, chunk: &[u8]) -> Result<()> {
+    /// If the segment is sealed, `chunk` does not fit in the map, or `first_offset` is not the
+    /// segment's next offset.
+    pub(crate) fn append(&self, chunk: &[u8], first_offset: u64) -> Result<()> {
         let mut state = self.lock_append_state();
         assert!(!state.sealed);
+        assert_eq!(first_offset, self.next_offset());
         let position = self.size();
         let end = position as usize + chunk.len();
         assert!(end <= self.capacity);
@@ -599,8 +604,7 @@ impl Segment {
             self.reserve(&mut state, end)?;
         }
         let written = self
-            .log_file
-            .write_all_at(chunk, u64::from(position))
+            .write_with_offsets(chunk, first_offset, u64::from(position))
             .map_err(io_err(&self.log_path))
             .and_then(|()| self.index_chunk(&mut state, position, chunk));
         if let Err(e) = written {
@@ -612,6 +616,30 @@ impl Segment {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Writes the batches of `chunk` at `position` of the `.log`, with base offsets from
+    /// `first_offset` on instead of their own.
+    fn write_with_offsets(&self, chunk: &[u8], first_offset: u64, position: u64) -> io::Result<()> {
+        // Each batch's new base offset and size.
+        let mut batches: Vec<([u8; 8], usize)> = Vec::new();
+        let mut next_offset = first_offset;
+        let mut at = 0usize;
+        while at < chunk.len() {
+            let header = BatchHeader::parse(&chunk[at..]).expect("validated by the log");
+            batches.push(((next_offset as i64).to_be_bytes(), header.size()));
+            next_offset += header.last_offset_delta as u64 + 1;
+            at += header.size();
+        }
+        assert!(at == chunk.len());
+        let mut slices = Vec::with_capacity(2 * batches.len());
+        let mut at = 0usize;
+        for (base, size) in &batches {
+            slices.push(io::IoSlice::new(base));
+            slices.push(io::IoSlice::new(&chunk[at + BASE_OFFSET_BYTES..at + size]));
+            at += size;
+        }
+        write_all_vectored_at(&self.log_file, &mut slices, position)
     }
 
     /// Reserves the `.log`'s blocks up to at least `end`, and the next chunk of room with them
@@ -670,8 +698,9 @@ impl Segment {
         let mut at = 0usize;
         let mut next_offset = self.next_offset();
         while at < chunk.len() {
-            let header = BatchHeader::parse(&chunk[at..]).expect("validated by the log");
-            assert!(header.base_offset as u64 == next_offset);
+            // As written: with its assigned base offset (`write_with_offsets`).
+            let mut header = BatchHeader::parse(&chunk[at..]).expect("validated by the log");
+            header.base_offset = next_offset as i64;
             self.index_batch(state, position + at as u32, &header)?;
             at += header.size();
             next_offset = header.last_offset() as u64 + 1;
@@ -990,6 +1019,47 @@ fn scan(
     }
 }
 
+/// Bytes of a batch's base offset, the field before its length (outside the CRC).
+const BASE_OFFSET_BYTES: usize = 8;
+/// Most buffers one `pwritev` takes (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// Writes all of `slices`, one after the other, at `position` of `file`: `pwritev` calls of at
+/// most `IOV_MAX` buffers, again after a short write or an interruption.
+fn write_all_vectored_at(
+    file: &File,
+    mut slices: &mut [io::IoSlice<'_>],
+    mut position: u64,
+) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        let count = slices.len().min(IOV_MAX);
+        // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix, and each points into a
+        // buffer borrowed for this call; the kernel only reads them.
+        let written = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                slices.as_ptr().cast::<libc::iovec>(),
+                count as libc::c_int,
+                position as libc::off_t,
+            )
+        };
+        if written < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        position += written as u64;
+        io::IoSlice::advance_slices(&mut slices, written as usize);
+    }
+    Ok(())
+}
+
 /// Allocates `file`'s blocks in `[from, to)`, growing the file to `to` if it is shorter.
 fn fallocate(file: &File, from: usize, to: usize) -> io::Result<()> {
     assert!(from < to);
@@ -1107,8 +1177,9 @@ mod tests {
         let mut batch = builder.finish().to_vec();
         let mut appended = Vec::new();
         while (segment.size() as usize) < bytes {
-            octolog_batch::set_base_offset(&mut batch, segment.next_offset() as i64);
-            segment.append(&batch).unwrap();
+            let first_offset = segment.next_offset();
+            segment.append(&batch, first_offset).unwrap();
+            octolog_batch::set_base_offset(&mut batch, first_offset as i64);
             appended.extend_from_slice(&batch);
             let state = segment.lock_append_state();
             let file_len = segment.log_file.metadata().unwrap().len() as usize;

@@ -60,6 +60,58 @@ fn several_batches_in_one_append_get_consecutive_offsets() {
     }
 }
 
+/// Guards the gathered write: batches are stored with their assigned base offsets while the
+/// caller's bytes (a slice of a request, perhaps shared) stay as they were, also for more
+/// batches than one `pwritev` takes (1024 buffers, two per batch).
+#[test]
+fn append_leaves_the_callers_bytes_unchanged_and_stores_the_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+    log.append(&batch(&[value_for(0, 10)], 0)).unwrap();
+    const BATCHES: u64 = 700;
+    let mut buf = Vec::new();
+    for i in 1..=BATCHES {
+        buf.extend_from_slice(&batch(&[value_for(i, 10)], 0));
+    }
+    let request = bytes::Bytes::from(buf);
+    let sent = request.clone();
+    let info = log.append(&request).unwrap();
+    assert_eq!(request, sent);
+    assert_eq!(
+        octolog_batch::batches(&request)
+            .map(|b| b.unwrap().0.base_offset)
+            .collect::<Vec<_>>(),
+        vec![0; BATCHES as usize],
+        "the caller's base offsets are untouched"
+    );
+    assert_eq!(
+        (info.first_offset, info.log_end_offset),
+        (Offset(1), Offset(BATCHES + 1))
+    );
+    let read = log.read(Offset(0), usize::MAX).unwrap();
+    let stored: Vec<i64> = octolog_batch::batches_verified(&read.batches)
+        .map(|b| b.unwrap().0.base_offset)
+        .collect();
+    assert_eq!(stored, (0..=BATCHES as i64).collect::<Vec<_>>());
+    // Each stored batch is the sent one but for its base offset.
+    let sent_batches = octolog_batch::batches(&request).map(|b| b.unwrap().1);
+    let stored_batches = octolog_batch::batches(&read.batches)
+        .map(|b| b.unwrap().1)
+        .skip(1);
+    let mut compared = 0;
+    for (sent, stored) in sent_batches.zip(stored_batches) {
+        assert!(
+            sent[8..] == stored[8..],
+            "batch {compared} differs past its base offset"
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, BATCHES);
+    for (offset, value) in read_all(&log, 0) {
+        assert_eq!(value, value_for(offset, 10));
+    }
+}
+
 #[test]
 fn read_honours_bytes_max_but_returns_at_least_one_batch() {
     let dir = tempfile::tempdir().unwrap();
