@@ -167,7 +167,7 @@ impl AppendLog {
 
     /// Appends `batch` `iters` times and returns the time spent in `Log::append`, excluding the
     /// time spent replacing a full log.
-    fn append_timed(&mut self, batch: &mut [u8], iters: u64) -> Duration {
+    fn append_timed(&mut self, batch: &[u8], iters: u64) -> Duration {
         let batch_bytes = batch.len() as u64;
         let mut elapsed = Duration::ZERO;
         let mut start = Instant::now();
@@ -177,8 +177,8 @@ impl AppendLog {
                 self.replace();
                 start = Instant::now();
             }
-            // Re-appending the same buffer is valid: the log only rewrites its base offset,
-            // which the CRC does not cover.
+            // Re-appending the same buffer is valid: the log stores it with a base offset of
+            // its own (outside the CRC) and leaves the buffer as it is.
             let log = self.log.as_ref().expect("the log is open");
             let info = log.append(batch).expect("append to the benchmark log");
             black_box(info);
@@ -212,7 +212,7 @@ fn append(c: &mut Criterion) {
         for (size_name, batch_bytes_max) in
             [("16KiB", SMALL_BATCH_BYTES), ("256KiB", LARGE_BATCH_BYTES)]
         {
-            let mut batch = batch_within(batch_bytes_max);
+            let batch = batch_within(batch_bytes_max);
             // The exact write size, for the disk baseline (`disk-baseline.sh` uses the same).
             let records = BatchHeader::parse(&batch)
                 .expect("a valid batch")
@@ -229,7 +229,7 @@ fn append(c: &mut Criterion) {
                 .throughput(Throughput::Bytes(batch.len() as u64));
             group.bench_function(format!("{policy_name}/{size_name}"), |b| {
                 let log = fixture.get_or_insert_with(|| AppendLog::new(flush, log_bytes_max));
-                b.iter_custom(|iters| log.append_timed(&mut batch, iters));
+                b.iter_custom(|iters| log.append_timed(&batch, iters));
             });
         }
     }
@@ -255,9 +255,9 @@ impl ReadLog {
             .unwrap_or_else(|e| panic!("cannot create a temp folder in {}: {e}", base.display()));
         let log = Log::open(dir.path().join("log"), log_config(FlushPolicy::Never))
             .expect("open the read log");
-        let mut batch = batch_within(LARGE_BATCH_BYTES);
+        let batch = batch_within(LARGE_BATCH_BYTES);
         for _ in 0..READ_PREFILL_BATCH_COUNT {
-            log.append(&mut batch).expect("prefill the read log");
+            log.append(&batch).expect("prefill the read log");
         }
         // Flushed now so that write-back does not compete with the measurement.
         log.flush().expect("flush the read log");

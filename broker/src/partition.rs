@@ -578,7 +578,10 @@ mod tests {
                 .unwrap();
         }
         let last_batch = batch(1, 0, 20, 4);
-        assert_eq!(append(&p, &[last_batch.clone()]).await, Ok((40, 43)));
+        assert_eq!(
+            append(&p, std::slice::from_ref(&last_batch)).await,
+            Ok((40, 43))
+        );
         let before = p.producer_states();
         assert_eq!(before.len(), 2);
 
@@ -587,7 +590,10 @@ mod tests {
         assert!(!dir.path().join(SNAPSHOT_FILE).exists());
         let p = open(dir.path(), &config);
         assert_eq!(p.producer_states(), before);
-        assert_eq!(append(&p, &[last_batch.clone()]).await, Ok((40, 43)));
+        assert_eq!(
+            append(&p, std::slice::from_ref(&last_batch)).await,
+            Ok((40, 43))
+        );
 
         // Clean: close writes the snapshot, and the state comes back from it.
         p.close().unwrap();
@@ -599,7 +605,10 @@ mod tests {
         );
         let p = open(dir.path(), &config);
         assert_eq!(p.producer_states(), before);
-        assert_eq!(append(&p, &[last_batch.clone()]).await, Ok((40, 43)));
+        assert_eq!(
+            append(&p, std::slice::from_ref(&last_batch)).await,
+            Ok((40, 43))
+        );
         assert_eq!(append(&p, &[batch(0, 0, 20, 1)]).await, Ok((44, 44)));
         let after = p.producer_states();
         drop(p);

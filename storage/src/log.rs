@@ -390,7 +390,7 @@ impl Log {
 
     /// Appends whole v2 record batches, back to back in `batches`, and gives them the next
     /// offsets: each batch is written with its new base offset (outside its CRC) in place of
-    /// its own, gathered in one write, so `batches` is neither copied nor changed (it may be a
+    /// its own, gathered by `pwritev`, so `batches` is neither copied nor changed (it may be a
     /// slice of the request it came in). Every batch is validated (structure, magic, CRC-32C,
     /// size) before anything is written.
     ///

@@ -8,7 +8,7 @@
 //! tail off, and recovery after a crash trims it quietly: a batch is never all zeros, so zeros
 //! past the last valid batch are reserved room, not data.
 //!
-//! Appends are written with positional writes (`pwrite`) at `size`, into the reserved room: the
+//! Appends are written with positional writes (`pwritev`) at `size`, into the reserved room: the
 //! file system then has the blocks already and skips its delayed-allocation work per write
 //! (measured: ~15 KiB appends +12-18%, ~256 KiB appends +35%), and a full disk fails the
 //! reservation before any byte is written. Where the file system cannot `fallocate`, appends
@@ -606,7 +606,12 @@ impl Segment {
         let written = self
             .write_with_offsets(chunk, first_offset, u64::from(position))
             .map_err(io_err(&self.log_path))
-            .and_then(|()| self.index_chunk(&mut state, position, chunk));
+            .and_then(|end_offset| {
+                self.index_chunk(&mut state, position, chunk)?;
+                // Written and indexed with the same offsets.
+                assert_eq!(self.next_offset(), end_offset);
+                Ok(())
+            });
         if let Err(e) = written {
             // Whole batches left past `size` could otherwise come back at recovery.
             if let Err(cut) = self.log_file.set_len(u64::from(position)) {
@@ -619,8 +624,13 @@ impl Segment {
     }
 
     /// Writes the batches of `chunk` at `position` of the `.log`, with base offsets from
-    /// `first_offset` on instead of their own.
-    fn write_with_offsets(&self, chunk: &[u8], first_offset: u64, position: u64) -> io::Result<()> {
+    /// `first_offset` on instead of their own; returns the offset after the last record.
+    fn write_with_offsets(
+        &self,
+        chunk: &[u8],
+        first_offset: u64,
+        position: u64,
+    ) -> io::Result<u64> {
         // Each batch's new base offset and size.
         let mut batches: Vec<([u8; 8], usize)> = Vec::new();
         let mut next_offset = first_offset;
@@ -639,7 +649,8 @@ impl Segment {
             slices.push(io::IoSlice::new(&chunk[at + BASE_OFFSET_BYTES..at + size]));
             at += size;
         }
-        write_all_vectored_at(&self.log_file, &mut slices, position)
+        write_all_vectored_at(&self.log_file, &mut slices, position)?;
+        Ok(next_offset)
     }
 
     /// Reserves the `.log`'s blocks up to at least `end`, and the next chunk of room with them
@@ -1034,6 +1045,8 @@ fn write_all_vectored_at(
     io::IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
         let count = slices.len().min(IOV_MAX);
+        let offset = libc::off_t::try_from(position)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix, and each points into a
         // buffer borrowed for this call; the kernel only reads them.
         let written = unsafe {
@@ -1041,7 +1054,7 @@ fn write_all_vectored_at(
                 file.as_raw_fd(),
                 slices.as_ptr().cast::<libc::iovec>(),
                 count as libc::c_int,
-                position as libc::off_t,
+                offset,
             )
         };
         if written < 0 {

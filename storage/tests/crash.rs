@@ -88,8 +88,8 @@ fn crashed_log(root: &Path, name: &str) -> PathBuf {
         let values: Vec<Vec<u8>> = (offset..offset + n)
             .map(|o| value_for(o, VALUE_BYTES))
             .collect();
-        let mut b = batch(&values, offset as i64);
-        log.append(&mut b).unwrap();
+        let b = batch(&values, offset as i64);
+        log.append(&b).unwrap();
         offset += n;
         i += 1;
     }
@@ -113,8 +113,8 @@ fn assert_survivors(dir: &Path, survivors: u64) {
     for (offset, value) in &records {
         assert_eq!(value, &value_for(*offset, VALUE_BYTES));
     }
-    let mut b = batch(&[value_for(survivors, VALUE_BYTES)], 0);
-    let info = log.append(&mut b).unwrap();
+    let b = batch(&[value_for(survivors, VALUE_BYTES)], 0);
+    let info = log.append(&b).unwrap();
     assert_eq!(info.first_offset, Offset(survivors));
     log.close().unwrap();
     drop(log);
@@ -317,7 +317,7 @@ fn append_mixed_batches(log: &Log, count: u64) {
         let values: Vec<Vec<u8>> = (offset..offset + n)
             .map(|o| value_for(o, VALUE_BYTES))
             .collect();
-        let info = log.append(&mut batch(&values, offset as i64)).unwrap();
+        let info = log.append(&batch(&values, offset as i64)).unwrap();
         assert_eq!(info.first_offset, Offset(offset));
     }
 }

@@ -13,14 +13,14 @@ fn append_assigns_dense_offsets_and_read_returns_them() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), LogConfig::default()).unwrap();
     assert_eq!(log.log_end_offset(), Offset(0));
-    let mut first = batch(&[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], 1000);
-    let info = log.append(&mut first).unwrap();
+    let first = batch(&[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], 1000);
+    let info = log.append(&first).unwrap();
     assert_eq!(
         (info.first_offset, info.last_offset, info.log_end_offset),
         (Offset(0), Offset(2), Offset(3))
     );
-    let mut second = batch(&[b"d".to_vec()], 2000);
-    let info = log.append(&mut second).unwrap();
+    let second = batch(&[b"d".to_vec()], 2000);
+    let info = log.append(&second).unwrap();
     assert_eq!(
         (info.first_offset, info.last_offset, info.log_end_offset),
         (Offset(3), Offset(3), Offset(4))
@@ -48,7 +48,7 @@ fn several_batches_in_one_append_get_consecutive_offsets() {
         ));
     }
     // 5 batches of ~1.9 KiB into 8 KiB segments: the append spans a roll.
-    let info = log.append(&mut buf).unwrap();
+    let info = log.append(&buf).unwrap();
     assert_eq!(
         (info.first_offset, info.log_end_offset),
         (Offset(0), Offset(10))
@@ -171,8 +171,8 @@ fn bad_batches_are_rejected_without_touching_the_log() {
     let good = batch(&[b"x".to_vec()], 0);
     let size_before = log.size_bytes();
 
-    let check = |mut bytes: Vec<u8>, want: &dyn Fn(&StorageError) -> bool| {
-        let err = log.append(&mut bytes).unwrap_err();
+    let check = |bytes: Vec<u8>, want: &dyn Fn(&StorageError) -> bool| {
+        let err = log.append(&bytes).unwrap_err();
         assert!(want(&err), "unexpected error {err:?}");
         assert!(!err.to_string().is_empty());
         assert_eq!(log.log_end_offset(), Offset(3));
@@ -294,8 +294,8 @@ fn offset_for_timestamp_finds_the_first_record_at_or_after() {
     // Timestamps rise by 10 per record except a late record (ts 5) at offset 50.
     for offset in 0..200u64 {
         let ts = if offset == 50 { 5 } else { offset as i64 * 10 };
-        let mut b = batch(&[value_for(offset, 100)], ts);
-        log.append(&mut b).unwrap();
+        let b = batch(&[value_for(offset, 100)], ts);
+        log.append(&b).unwrap();
     }
     let check = |ts: i64, want: Option<u64>| {
         assert_eq!(
@@ -314,8 +314,8 @@ fn offset_for_timestamp_finds_the_first_record_at_or_after() {
     check(1990, Some(199));
     check(1991, None);
     // A batch with several records: the first record inside it that qualifies.
-    let mut b = batch(&[b"x".to_vec(), b"y".to_vec(), b"z".to_vec()], 5000);
-    log.append(&mut b).unwrap();
+    let b = batch(&[b"x".to_vec(), b"y".to_vec(), b"z".to_vec()], 5000);
+    log.append(&b).unwrap();
     check(5001, Some(201));
 }
 
@@ -421,8 +421,8 @@ fn truncate_to_cuts_at_a_batch_boundary_and_appends_continue() {
     assert_eq!(log.truncate_to(Offset(93)).unwrap(), Offset(93));
     assert_eq!(log.log_end_offset(), Offset(93));
     // A three-record batch: truncating into its middle removes all of it.
-    let mut b = batch(&[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], 0);
-    log.append(&mut b).unwrap();
+    let b = batch(&[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], 0);
+    log.append(&b).unwrap();
     assert_eq!(log.truncate_to(Offset(95)).unwrap(), Offset(93));
     append_records(&log, 5, 200, 0);
     let all = read_all(&log, 0);
@@ -451,7 +451,7 @@ fn clean_close_and_reopen_keeps_everything_and_appends_continue() {
     append_records(&log, 150, 300, 0);
     log.close().unwrap();
     assert!(matches!(
-        log.append(&mut batch(&[b"x".to_vec()], 0)),
+        log.append(&batch(&[b"x".to_vec()], 0)),
         Err(StorageError::Closed { .. })
     ));
     drop(log);
@@ -535,8 +535,8 @@ fn flush_always_appends_from_threads_return_durable_and_dense() {
             std::thread::spawn(move || {
                 let mut offsets = Vec::new();
                 for i in 0..25 {
-                    let mut b = batch(&[format!("t{t}-{i}").into_bytes()], 0);
-                    let info = log.append(&mut b).unwrap();
+                    let b = batch(&[format!("t{t}-{i}").into_bytes()], 0);
+                    let info = log.append(&b).unwrap();
                     // Durable before append returns: the recovery point is past it.
                     assert!(info.log_end_offset <= log.recovery_point());
                     assert!(info.log_end_offset <= log.high_watermark());
@@ -562,11 +562,9 @@ fn append_unflushed_is_invisible_with_flush_always_until_flush_to() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config_always();
     let log = Log::open(dir.path(), config.clone()).unwrap();
-    let a = log
-        .append_unflushed(&mut batch(&[b"a".to_vec()], 0))
-        .unwrap();
+    let a = log.append_unflushed(&batch(&[b"a".to_vec()], 0)).unwrap();
     let b = log
-        .append_unflushed(&mut batch(&[b"b".to_vec(), b"c".to_vec()], 0))
+        .append_unflushed(&batch(&[b"b".to_vec(), b"c".to_vec()], 0))
         .unwrap();
     assert_eq!((a.first_offset, a.log_end_offset), (Offset(0), Offset(1)));
     assert_eq!((b.first_offset, b.log_end_offset), (Offset(1), Offset(3)));
@@ -598,10 +596,8 @@ fn flush_to_below_the_recovery_point_is_a_no_op() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config_always();
     let log = Log::open(dir.path(), config).unwrap();
-    let a = log.append(&mut batch(&[b"a".to_vec()], 0)).unwrap();
-    let b = log
-        .append_unflushed(&mut batch(&[b"b".to_vec()], 0))
-        .unwrap();
+    let a = log.append(&batch(&[b"a".to_vec()], 0)).unwrap();
+    let b = log.append_unflushed(&batch(&[b"b".to_vec()], 0)).unwrap();
     for end in [Offset(0), a.first_offset, a.log_end_offset] {
         log.flush_to(end).unwrap();
         assert_eq!(log.recovery_point(), a.log_end_offset);
@@ -619,9 +615,7 @@ fn flush_to_below_the_recovery_point_is_a_no_op() {
 fn append_unflushed_with_flush_never_is_visible_and_flush_to_makes_it_durable() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), small_config()).unwrap();
-    let a = log
-        .append_unflushed(&mut batch(&[b"a".to_vec()], 0))
-        .unwrap();
+    let a = log.append_unflushed(&batch(&[b"a".to_vec()], 0)).unwrap();
     assert_eq!(log.high_watermark(), a.log_end_offset);
     assert_eq!(read_all(&log, 0).len(), 1);
     assert_eq!(log.recovery_point(), Offset(0));
@@ -636,10 +630,8 @@ fn flush_to_past_the_log_end_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config_always();
     let log = Log::open(dir.path(), config).unwrap();
-    log.append(&mut batch(&[b"a".to_vec()], 0)).unwrap();
-    let cut = log
-        .append_unflushed(&mut batch(&[b"b".to_vec()], 0))
-        .unwrap();
+    log.append(&batch(&[b"a".to_vec()], 0)).unwrap();
+    let cut = log.append_unflushed(&batch(&[b"b".to_vec()], 0)).unwrap();
     assert_eq!(log.truncate_to(cut.first_offset).unwrap(), Offset(1));
     for end in [cut.log_end_offset, Offset(100)] {
         match log.flush_to(end) {
@@ -651,7 +643,7 @@ fn flush_to_past_the_log_end_is_an_error() {
             other => panic!("expected OffsetOutOfRange, got {other:?}"),
         }
     }
-    let next = log.append(&mut batch(&[b"c".to_vec()], 0)).unwrap();
+    let next = log.append(&batch(&[b"c".to_vec()], 0)).unwrap();
     assert_eq!(next.first_offset, Offset(1));
     assert_eq!(read_all(&log, 0).len(), 2);
 }
@@ -671,7 +663,7 @@ fn concurrent_append_unflushed_and_flush_to_end_durable() {
                 for i in 0..25 {
                     let value = format!("t{t}-{i}").into_bytes();
                     let info = log
-                        .append_unflushed(&mut batch(std::slice::from_ref(&value), 0))
+                        .append_unflushed(&batch(std::slice::from_ref(&value), 0))
                         .unwrap();
                     log.flush_to(info.log_end_offset).unwrap();
                     assert!(info.log_end_offset <= log.recovery_point());
@@ -794,9 +786,9 @@ fn batches_whose_records_contradict_their_header_are_rejected() {
     many[23..27].copy_from_slice(&(i32::MAX - 1).to_be_bytes());
     many[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
     for bytes in [lying, many] {
-        let mut bytes = resign(bytes);
+        let bytes = resign(bytes);
         assert!(matches!(
-            log.append(&mut bytes),
+            log.append(&bytes),
             Err(StorageError::InvalidBatch {
                 source: BatchError::RecordMalformed { .. },
                 ..
@@ -823,8 +815,8 @@ fn retention_ms_of_u64_max_means_forever() {
 fn read_reports_where_the_next_read_continues() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), small_config()).unwrap();
-    let mut three = batch(&[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], 0);
-    log.append(&mut three).unwrap();
+    let three = batch(&[b"a".to_vec(), b"b".to_vec(), b"c".to_vec()], 0);
+    log.append(&three).unwrap();
     append_records(&log, 2, 10, 0);
     assert_eq!(log.read(Offset(1), 1).unwrap().next_offset, Offset(3));
     assert_eq!(log.read(Offset(0), 1 << 20).unwrap().next_offset, Offset(5));

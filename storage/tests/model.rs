@@ -112,7 +112,7 @@ fn run(ops: Vec<Op>) {
                     next += spec.len() as u64;
                     buf.extend_from_slice(&builder.finish());
                 }
-                let info = log.append(&mut buf).unwrap();
+                let info = log.append(&buf).unwrap();
                 assert_eq!(info.first_offset, Offset(model.end()));
                 model.records.extend(records);
                 model.batch_bases.extend(bases);

@@ -52,9 +52,9 @@ fn appends_fill_the_room_left_and_the_one_that_does_not_fit_leaves_the_log_as_it
         let end = log.log_end_offset();
         let size_bytes = log.size_bytes();
         let file = fs::read(&path).unwrap();
-        let mut b = batch(&[value_for(end.0, 900)], 0);
+        let b = batch(&[value_for(end.0, 900)], 0);
         let batch_bytes = b.len() as u64;
-        match log.append(&mut b) {
+        match log.append(&b) {
             Ok(_) => continue,
             Err(e) => {
                 failure = Some((e, end, size_bytes, file, batch_bytes));
@@ -87,11 +87,8 @@ fn appends_fill_the_room_left_and_the_one_that_does_not_fit_leaves_the_log_as_it
     let records = read_all(&log, 0);
     assert_eq!(records.len() as u64, end.0);
     // The log takes no more writes until it is reopened.
-    let mut b = batch(&[value_for(end.0, 900)], 0);
-    assert!(matches!(
-        log.append(&mut b),
-        Err(StorageError::Failed { .. })
-    ));
+    let b = batch(&[value_for(end.0, 900)], 0);
+    assert!(matches!(log.append(&b), Err(StorageError::Failed { .. })));
     assert!(matches!(log.close(), Err(StorageError::Failed { .. })));
     drop(log);
 

@@ -205,7 +205,7 @@ impl OffsetStore {
             }
             buf.extend_from_slice(&builder.finish());
         }
-        log.append(&mut buf).map_err(|e| BrokerError::Metadata {
+        log.append(&buf).map_err(|e| BrokerError::Metadata {
             path: log.dir().to_path_buf(),
             reason: format!("cannot write committed positions: {e}"),
         })?;

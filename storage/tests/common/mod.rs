@@ -72,8 +72,8 @@ pub fn append_records(log: &Log, count: u64, size: usize, timestamp_ms: i64) -> 
     let mut offsets = Vec::new();
     for _ in 0..count {
         let offset = log.log_end_offset().0;
-        let mut b = batch(&[value_for(offset, size)], timestamp_ms);
-        let info = log.append(&mut b).expect("append");
+        let b = batch(&[value_for(offset, size)], timestamp_ms);
+        let info = log.append(&b).expect("append");
         assert_eq!(info.first_offset.0, offset);
         offsets.push(offset);
     }
