@@ -62,6 +62,12 @@ pub struct Args {
     /// Ignored with --broker (the broker's own setting applies).
     #[arg(long, value_name = "POLICY")]
     pub fsync: Option<String>,
+    /// Page cache window of the in-process broker (its `page_cache_window_bytes`): after each
+    /// flush, partition bytes on disk more than this far behind the end of their segment are
+    /// dropped from the page cache. Default: none (the kernel decides, as with Kafka). Ignored
+    /// with --broker.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub page_cache_window: Option<u64>,
     /// Pace producers to this many MB/s in total (MB = 10^6 bytes). Default: as fast as possible.
     #[arg(long, value_name = "MB_PER_S")]
     pub rate: Option<f64>,
@@ -103,6 +109,8 @@ pub struct Plan {
     pub broker: Option<String>,
     /// Flush policy of the in-process broker (unused with `broker`).
     pub fsync: String,
+    /// Page cache window of the in-process broker (unused with `broker`).
+    pub page_cache_window: Option<u64>,
     /// Number of producer tasks.
     pub producers: usize,
     /// Number of consumer tasks.
@@ -273,6 +281,7 @@ impl Args {
         Ok(Plan {
             broker: self.broker.clone(),
             fsync,
+            page_cache_window: self.page_cache_window,
             producers: self.producers,
             consumers: self.consumers,
             group: self.group.clone(),
@@ -347,6 +356,13 @@ mod tests {
         assert!(plan(&["--replay"]).unwrap().replay);
         assert!(!p.push);
         assert!(plan(&["--push"]).unwrap().push);
+        assert_eq!(p.page_cache_window, None);
+        assert_eq!(
+            plan(&["--page-cache-window", "64MiB"])
+                .unwrap()
+                .page_cache_window,
+            Some(64 << 20)
+        );
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub struct Report {
     pub consume_redelivered: u64,
     /// The flush policy, or `broker` when an external broker decides.
     pub fsync: String,
+    /// The in-process broker's page cache window, if it has one.
+    pub page_cache_window_bytes: Option<u64>,
     /// The broker measured, and whether this tool started it.
     pub broker: String,
     /// The asked total rate in MB/s, if paced.
@@ -183,6 +185,7 @@ impl Report {
             "producers": self.producers,
             "consumers": self.consumers,
             "fsync": self.fsync,
+            "page_cache_window_bytes": self.page_cache_window_bytes,
             "broker": self.broker,
             "rate_mb_s": self.rate_mb_s,
             "linger_ms": self.linger_ms,
@@ -279,7 +282,7 @@ impl Report {
         format!(
             "octolog-bench: {records} records of {message} bytes ({mb:.1} MB; MB = 10^6 bytes), \
              {partitions} partitions, {producers} producer(s) (linger {linger} ms, {in_flight} in flight), {consumers}, {rate}\n\
-             broker: {broker}; fsync: {fsync}\n\
+             broker: {broker}; fsync: {fsync}{window}\n\
              produce: {pmb:.1} MB/s, {prec:.0} records/s ({psecs:.2} s until all acknowledged)\n\
              consume: {cmb:.1} MB/s, {crec:.0} records/s ({csecs:.2} s {consume_from})\n\
              {latency}{memory}{group}",
@@ -292,6 +295,10 @@ impl Report {
             in_flight = self.in_flight,
             broker = self.broker,
             fsync = self.fsync,
+            window = self
+                .page_cache_window_bytes
+                .map(|w| format!("; page cache window: {w} bytes"))
+                .unwrap_or_default(),
             pmb = self.produce_mb_s(),
             prec = self.produce_records_s(),
             psecs = self.produce_secs,
@@ -364,7 +371,7 @@ struct OwnBroker {
 }
 
 impl OwnBroker {
-    async fn start(fsync: &str) -> Result<OwnBroker, BenchError> {
+    async fn start(fsync: &str, page_cache_window: Option<u64>) -> Result<OwnBroker, BenchError> {
         let dir = tempfile::Builder::new()
             .prefix("octolog-bench-")
             .tempdir()
@@ -386,6 +393,8 @@ impl OwnBroker {
             data_dir: dir.path().to_path_buf(),
             listen: addr,
             fsync: fsync.to_string(),
+            page_cache_window_bytes: page_cache_window
+                .map_or(-1, |w| w.min(i64::MAX as u64) as i64),
             ..BrokerConfig::default()
         };
         let broker = Arc::new(Broker::open(config)?);
@@ -435,7 +444,7 @@ pub async fn run(plan: &Plan) -> Result<Report, BenchError> {
             measure(plan, addr.clone(), description, "broker".to_string()).await
         }
         None => {
-            let own = OwnBroker::start(&plan.fsync).await?;
+            let own = OwnBroker::start(&plan.fsync, plan.page_cache_window).await?;
             let description = format!("in-process at {} on a temporary data dir", own.addr);
             let result = measure(plan, own.addr.to_string(), description, plan.fsync.clone()).await;
             let stopped = own.stop().await;
@@ -580,6 +589,7 @@ async fn measure(
         group: plan.group.clone(),
         consume_duplicates: duplicates,
         consume_redelivered: counters.redelivered_records.load(Ordering::Acquire),
+        page_cache_window_bytes: plan.page_cache_window.filter(|_| plan.broker.is_none()),
         fsync,
         broker,
         rate_mb_s: plan.rate_bytes_per_s.map(|r| r / 1e6),
@@ -952,6 +962,7 @@ mod tests {
             consume_duplicates: 0,
             consume_redelivered: 0,
             fsync: "never".into(),
+            page_cache_window_bytes: None,
             broker: "in-process".into(),
             rate_mb_s: None,
             linger_ms: 5,

@@ -36,6 +36,11 @@ pub struct BrokerConfig {
     pub retention_ms: i64,
     /// Default retention by size per partition; `-1` for no limit. Default `-1`.
     pub retention_bytes: i64,
+    /// After each flush, a partition's bytes on disk more than this many bytes behind the end
+    /// of their segment are dropped from the page cache (consumers further behind then read
+    /// the disk); `-1` leaves the page cache to the kernel, as Kafka does. Default `-1`. See
+    /// `LogConfig::page_cache_window_bytes`.
+    pub page_cache_window_bytes: i64,
     /// Partitions of a topic created without a count. Default 1.
     pub default_partitions: u32,
     /// Most partitions one topic may have. Default 10,000.
@@ -93,6 +98,7 @@ impl Default for BrokerConfig {
             segment_bytes: 1 << 30,
             retention_ms: 7 * 24 * 3600 * 1000,
             retention_bytes: -1,
+            page_cache_window_bytes: -1,
             default_partitions: 1,
             partitions_max: 10_000,
             batch_bytes_max: 1 << 20,
@@ -156,6 +162,7 @@ impl BrokerConfig {
             retention_ms: positive(retention_ms.unwrap_or(self.retention_ms)),
             retention_bytes: positive(retention_bytes.unwrap_or(self.retention_bytes)),
             flush: self.flush_policy()?,
+            page_cache_window_bytes: positive(self.page_cache_window_bytes),
             ..LogConfig::default()
         };
         config
@@ -280,5 +287,14 @@ mod tests {
         let log = config.log_config(None, None).unwrap();
         assert_eq!(log.retention_ms, Some(7 * 24 * 3600 * 1000));
         assert_eq!(log.retention_bytes, None);
+    }
+
+    #[test]
+    fn page_cache_window_reaches_the_logs_and_minus_one_leaves_the_cache_alone() {
+        let config: BrokerConfig = toml::from_str("page_cache_window_bytes = 67108864").unwrap();
+        let log = config.log_config(None, None).unwrap();
+        assert_eq!(log.page_cache_window_bytes, Some(64 << 20));
+        let log = BrokerConfig::default().log_config(None, None).unwrap();
+        assert_eq!(log.page_cache_window_bytes, None);
     }
 }

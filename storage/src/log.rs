@@ -615,7 +615,11 @@ impl Log {
             let segments = self.segments();
             let active_base = segments.last().expect("one segment").base_offset();
             for segment in segments.iter().filter(|s| s.next_offset() > recovery_point) {
+                let synced_size = segment.size();
                 segment.flush(segment.base_offset() != active_base)?;
+                if let Some(keep_bytes) = self.config.page_cache_window_bytes {
+                    segment.drop_cached(synced_size, keep_bytes);
+                }
             }
             self.recovery_point.store(end, Ordering::Release);
             if self.config.flush == FlushPolicy::Always {

@@ -163,6 +163,9 @@ pub(crate) struct Segment {
     /// Whether the indexes are known to be on disk as they are (synced after sealing, or
     /// found intact after a clean shutdown); `close` syncs the sealed ones that are not.
     indexes_synced: AtomicBool,
+    /// The `.log`'s bytes below this were dropped from the page cache (`drop_cached`); a
+    /// multiple of the page size. Only the log's flusher changes it.
+    cache_dropped_to: AtomicU32,
     /// Bytes after `size` are damaged data kept for the operator: never cut them off.
     keep_tail: bool,
     /// Writer-only bookkeeping.
@@ -279,6 +282,7 @@ impl Segment {
             time_index,
             created_ms,
             indexes_synced: AtomicBool::new(false),
+            cache_dropped_to: AtomicU32::new(0),
             keep_tail,
             append_state: Mutex::new(AppendState {
                 bytes_since_index_entry,
@@ -766,6 +770,50 @@ impl Segment {
         Ok(())
     }
 
+    /// Drops the `.log`'s bytes below `synced_size - keep_bytes` (rounded down to a page) from
+    /// the page cache: they must be on disk (`synced_size` is at most the size at the last
+    /// `fdatasync`). They are first unmapped from the segment's own map, since the kernel keeps
+    /// mapped pages; a reader still holding a slice of them faults them in again from the file,
+    /// whose bytes below `size` never change. Advice only: a failure is logged, not returned.
+    pub(crate) fn drop_cached(&self, synced_size: u32, keep_bytes: u64) {
+        let page = page_size();
+        let up_to = u64::from(synced_size).saturating_sub(keep_bytes) / page * page;
+        let from = u64::from(self.cache_dropped_to.load(Ordering::Acquire));
+        if up_to <= from {
+            return;
+        }
+        let len = (up_to - from) as usize;
+        // SAFETY: `[from, up_to)` lies below `size`, inside the shared file mapping, and `from`
+        // is page-aligned like the map's start. MADV_DONTNEED on a shared file mapping only
+        // removes the page-table entries: the next access reads the same bytes from the page
+        // cache or the file, so no reader sees memory change.
+        let unmapped = unsafe {
+            libc::madvise(
+                self.log_map.as_ptr().add(from as usize) as *mut libc::c_void,
+                len,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if unmapped != 0 {
+            let error = io::Error::last_os_error();
+            tracing::debug!(path = %self.log_path.display(), %error, "cannot unmap flushed bytes");
+        }
+        // SAFETY: a system call on a descriptor we own; no memory is passed.
+        let dropped = unsafe {
+            libc::posix_fadvise(
+                self.log_file.as_raw_fd(),
+                from as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        if dropped != 0 {
+            let error = io::Error::from_raw_os_error(dropped);
+            tracing::debug!(path = %self.log_path.display(), %error, "cannot drop flushed bytes from the page cache");
+        }
+        self.cache_dropped_to.store(up_to as u32, Ordering::Release);
+    }
+
     /// Forces the indexes (not the `.log`) to disk.
     pub(crate) fn flush_indexes(&self) -> Result<()> {
         self.offset_index.sync()?;
@@ -1030,6 +1078,13 @@ fn scan(
     }
 }
 
+/// The size of a memory page.
+fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant of the system.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
+}
+
 /// Bytes of a batch's base offset, the field before its length (outside the CRC).
 const BASE_OFFSET_BYTES: usize = 8;
 /// Most buffers one `pwritev` takes (Linux's `UIO_MAXIOV`).
@@ -1251,7 +1306,7 @@ mod tests {
         // Without `fallocate` (as `reserve` leaves it after EOPNOTSUPP).
         let segment = Segment::create(dir.path(), 1 << 40, &config).unwrap();
         segment.lock_append_state().fallocate = false;
-        let appended = fill(&segment, 1 << 20);
+        let appended = fill(&segment, 8 << 20);
         assert_eq!(segment.lock_append_state().reserved_end, 0);
         let (read, _) = segment
             .read(segment.base_offset(), usize::MAX, u64::MAX)
@@ -1261,6 +1316,103 @@ mod tests {
     }
 
     /// Guards that reservations stop at `segment_bytes` (a small segment does not reserve a
+    /// Which pages of `segment`'s `.log` from `from` to `to` bytes are in the page cache.
+    fn resident(segment: &Segment, from: usize, to: usize) -> Vec<bool> {
+        let page = page_size() as usize;
+        assert!(from % page == 0);
+        let pages = (to - from).div_ceil(page);
+        let mut flags = vec![0u8; pages];
+        // SAFETY: the range lies inside the segment's mapping; mincore only writes `flags`,
+        // which has one byte per page.
+        let done = unsafe {
+            libc::mincore(
+                segment.log_map.as_ptr().add(from) as *mut libc::c_void,
+                to - from,
+                flags.as_mut_ptr(),
+            )
+        };
+        assert_eq!(done, 0, "mincore: {}", io::Error::last_os_error());
+        flags.iter().map(|f| f & 1 == 1).collect()
+    }
+
+    /// Whether the file system of `dir` drops a file's clean pages on `POSIX_FADV_DONTNEED`
+    /// (tmpfs, for one, keeps them): a probe file, written, synced and advised.
+    fn drops_clean_pages(dir: &Path) -> bool {
+        let path = dir.join("probe");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.write_all_at(&vec![7u8; 1 << 20], 0).unwrap();
+        file.sync_data().unwrap();
+        // SAFETY: a system call on a descriptor we own; no memory is passed.
+        let advised =
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        // SAFETY: the probe file is ours and nothing changes its length while it is mapped.
+        let map = unsafe { MmapOptions::new().len(1 << 20).map(&file) }.unwrap();
+        let mut flags = vec![0u8; (1 << 20) / page_size() as usize];
+        // SAFETY: `flags` has one byte per page of the mapping.
+        let done = unsafe {
+            libc::mincore(
+                map.as_ptr() as *mut libc::c_void,
+                1 << 20,
+                flags.as_mut_ptr(),
+            )
+        };
+        drop(map);
+        std::fs::remove_file(&path).unwrap();
+        advised == 0 && done == 0 && flags.iter().all(|f| f & 1 == 0)
+    }
+
+    /// Guards `drop_cached`: the flushed bytes behind the window leave the page cache, the
+    /// window's stay, and every byte still reads the same afterwards, also through a slice a
+    /// reader took before the drop. Where the file system keeps pages despite
+    /// `POSIX_FADV_DONTNEED` (a probe file says), only the reads are checked.
+    #[test]
+    fn drop_cached_drops_what_lies_behind_the_window_and_nothing_changes_for_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            flush: FlushPolicy::Never,
+            ..LogConfig::default()
+        };
+        let segment = Segment::create(dir.path(), 0, &config).unwrap();
+        let appended = fill(&segment, 8 << 20);
+        let held = segment.slice(0, segment.size() as usize);
+        assert!(segment.published() == &appended[..]);
+        segment.flush(false).unwrap();
+        let size = segment.size();
+        let page = page_size() as usize;
+        let keep = 64 << 10;
+        segment.drop_cached(size, keep as u64);
+        let up_to = (size as usize - keep) / page * page;
+        assert_eq!(
+            segment.cache_dropped_to.load(Ordering::Acquire) as usize,
+            up_to
+        );
+        let dropped = resident(&segment, 0, up_to);
+        if !drops_clean_pages(dir.path()) {
+            eprintln!("this file system keeps pages despite POSIX_FADV_DONTNEED: reads only");
+        } else {
+            // A large folio reaching past the boundary stays whole: allow up to 2 MiB before it.
+            let straddling = (2 << 20) / page;
+            let stayed: Vec<usize> = (0..dropped.len()).filter(|&i| dropped[i]).collect();
+            assert!(
+                stayed.iter().all(|&i| i + straddling >= dropped.len()),
+                "pages behind the window stayed: {stayed:?} of {}",
+                dropped.len()
+            );
+            assert!(resident(&segment, up_to, size as usize).iter().all(|&r| r));
+        }
+        assert!(segment.published() == &appended[..]);
+        assert!(held.as_ref() == &appended[..]);
+        // Nothing more is dropped without a new flush past the window, and appends go on.
+        segment.drop_cached(size, keep as u64);
+        fill(&segment, 9 << 20);
+        assert!(segment.published()[..appended.len()] == appended[..]);
+    }
+
     /// whole first chunk) unless one lone batch needs more.
     #[test]
     fn reservations_stop_at_segment_bytes() {
