@@ -63,8 +63,8 @@ pub struct Args {
     #[arg(long, value_name = "POLICY")]
     pub fsync: Option<String>,
     /// Page cache window of the in-process broker (its `page_cache_window_bytes`): after each
-    /// flush, partition bytes on disk more than this far behind the end of their segment are
-    /// dropped from the page cache. Default: none (the kernel decides, as with Kafka). Ignored
+    /// flush, partition bytes on disk more than this far behind the log end are dropped from
+    /// the page cache. Default: none (the kernel decides, as with Kafka). Ignored
     /// with --broker.
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     pub page_cache_window: Option<u64>,

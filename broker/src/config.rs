@@ -36,9 +36,9 @@ pub struct BrokerConfig {
     pub retention_ms: i64,
     /// Default retention by size per partition; `-1` for no limit. Default `-1`.
     pub retention_bytes: i64,
-    /// After each flush, a partition's bytes on disk more than this many bytes behind the end
-    /// of their segment are dropped from the page cache (consumers further behind then read
-    /// the disk); `-1` leaves the page cache to the kernel, as Kafka does. Default `-1`. See
+    /// After each flush, a partition's bytes on disk more than this many bytes behind its log
+    /// end are dropped from the page cache (consumers further behind then read the disk); `-1`
+    /// leaves the page cache to the kernel, as Kafka does. Default `-1`. See
     /// `LogConfig::page_cache_window_bytes`.
     pub page_cache_window_bytes: i64,
     /// Partitions of a topic created without a count. Default 1.
@@ -191,6 +191,9 @@ impl BrokerConfig {
         if self.retention_check_interval_ms == 0 {
             return bad("retention_check_interval_ms must be positive");
         }
+        if self.page_cache_window_bytes < -1 {
+            return bad("page_cache_window_bytes must be -1 (off) or at least 0");
+        }
         if self.group_session_timeout_ms_min == 0
             || self.group_session_timeout_ms_min > self.group_session_timeout_ms_max
             || !(self.group_session_timeout_ms_min..=self.group_session_timeout_ms_max)
@@ -270,6 +273,10 @@ mod tests {
             },
             BrokerConfig {
                 recovery_threads: RECOVERY_THREADS_MAX + 1,
+                ..BrokerConfig::default()
+            },
+            BrokerConfig {
+                page_cache_window_bytes: -2,
                 ..BrokerConfig::default()
             },
         ];

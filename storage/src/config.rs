@@ -72,12 +72,14 @@ pub struct LogConfig {
     pub retention_bytes: Option<u64>,
     /// When appended data is forced to disk. Default `interval-ms=1000`.
     pub flush: FlushPolicy,
-    /// After each flush, the bytes of a segment that are on disk and more than this many bytes
-    /// behind its end are dropped from the page cache: unmapped from the log's own map, then
-    /// `POSIX_FADV_DONTNEED`. Readers of them then read the disk. Default `None`: everything
-    /// stays cached until the kernel reclaims it, as Kafka leaves it. A sustained writer whose
-    /// readers keep up reuses the same memory instead of spreading the cache over all of it,
-    /// which is far cheaper where first touches of memory are expensive (a VM).
+    /// After each flush, the log's bytes that are on disk and more than this many bytes behind
+    /// the log end are dropped from the page cache: their page-table entries in the log's own
+    /// map are removed (`MADV_DONTNEED`), then `POSIX_FADV_DONTNEED`. Readers of them then read
+    /// the disk (page faults on the map). Default `None`: everything stays cached until the
+    /// kernel reclaims it, as Kafka leaves it. A sustained writer whose readers keep up then
+    /// reuses the same memory instead of spreading the cache over all of it, which is far
+    /// cheaper where first touches of memory are expensive (a VM). A window smaller than the
+    /// readers' lag makes every read a disk read.
     pub page_cache_window_bytes: Option<u64>,
 }
 

@@ -614,16 +614,19 @@ impl Log {
         if recovery_point < end {
             let segments = self.segments();
             let active_base = segments.last().expect("one segment").base_offset();
+            // Each segment synced now, with its size before the sync (what the sync covers).
+            let mut synced = Vec::new();
             for segment in segments.iter().filter(|s| s.next_offset() > recovery_point) {
                 let synced_size = segment.size();
                 segment.flush(segment.base_offset() != active_base)?;
-                if let Some(keep_bytes) = self.config.page_cache_window_bytes {
-                    segment.drop_cached(synced_size, keep_bytes);
-                }
+                synced.push((segment.base_offset(), synced_size));
             }
             self.recovery_point.store(end, Ordering::Release);
             if self.config.flush == FlushPolicy::Always {
                 self.high_watermark.fetch_max(end, Ordering::AcqRel);
+            }
+            if let Some(keep_bytes) = self.config.page_cache_window_bytes {
+                drop_cached_behind(&segments, &synced, keep_bytes);
             }
         }
         state.last_flush = Instant::now();
@@ -1070,4 +1073,26 @@ fn delete_segment_files(
         }
     }
     Ok(())
+}
+
+/// Drops from the page cache the log's bytes that are on disk and more than `keep_bytes` behind
+/// its end (`Segment::drop_cached`), newest segment first. `synced` holds the segments synced
+/// just now with their size before that sync; every other segment is on disk whole. It stops at
+/// the first sealed segment wholly behind the window with nothing left to drop: older ones were
+/// dropped whole before it.
+fn drop_cached_behind(segments: &[Arc<Segment>], synced: &[(u64, u32)], keep_bytes: u64) {
+    let mut after = 0u64;
+    for (i, segment) in segments.iter().enumerate().rev() {
+        let synced_size = synced
+            .iter()
+            .find(|&&(base, _)| base == segment.base_offset())
+            .map_or_else(|| segment.size(), |&(_, size)| size);
+        let keep_here = keep_bytes.saturating_sub(after);
+        // Only the active (last) segment grows, and its sync may not cover all of it.
+        let whole = i + 1 < segments.len() && keep_here == 0;
+        if !segment.drop_cached(synced_size, keep_here, whole) && whole {
+            break;
+        }
+        after += u64::from(segment.size());
+    }
 }

@@ -772,15 +772,24 @@ impl Segment {
 
     /// Drops the `.log`'s bytes below `synced_size - keep_bytes` (rounded down to a page) from
     /// the page cache: they must be on disk (`synced_size` is at most the size at the last
-    /// `fdatasync`). They are first unmapped from the segment's own map, since the kernel keeps
-    /// mapped pages; a reader still holding a slice of them faults them in again from the file,
-    /// whose bytes below `size` never change. Advice only: a failure is logged, not returned.
-    pub(crate) fn drop_cached(&self, synced_size: u32, keep_bytes: u64) {
+    /// `fdatasync`). Their page-table entries in the segment's own map go first, since the
+    /// kernel keeps mapped pages; a reader still holding a slice of them faults them in again
+    /// from the file, whose bytes below `size` never change. With `keep_bytes` > 0 it waits
+    /// until `DROP_STEP_BYTES` have built up, so frequent flushes (`always`) cost few calls.
+    /// `whole` (a segment that no longer grows, all of it on disk, `keep_bytes` 0) takes its
+    /// last partial page too. Returns whether it dropped anything. Advice only: a failure is
+    /// logged, not returned.
+    pub(crate) fn drop_cached(&self, synced_size: u32, keep_bytes: u64, whole: bool) -> bool {
         let page = page_size();
-        let up_to = u64::from(synced_size).saturating_sub(keep_bytes) / page * page;
+        let up_to = if whole {
+            assert!(keep_bytes == 0 && synced_size == self.size());
+            u64::from(synced_size).div_ceil(page) * page
+        } else {
+            u64::from(synced_size).saturating_sub(keep_bytes) / page * page
+        };
         let from = u64::from(self.cache_dropped_to.load(Ordering::Acquire));
-        if up_to <= from {
-            return;
+        if up_to <= from || (keep_bytes > 0 && up_to - from < DROP_STEP_BYTES) {
+            return false;
         }
         let len = (up_to - from) as usize;
         // SAFETY: `[from, up_to)` lies below `size`, inside the shared file mapping, and `from`
@@ -798,12 +807,15 @@ impl Segment {
             let error = io::Error::last_os_error();
             tracing::debug!(path = %self.log_path.display(), %error, "cannot unmap flushed bytes");
         }
+        // From a little before `from`: the kernel keeps a large folio that reached past the
+        // previous `up_to`, and it lies wholly in this range only now.
+        let advise_from = from.saturating_sub(FOLIO_BYTES_MAX);
         // SAFETY: a system call on a descriptor we own; no memory is passed.
         let dropped = unsafe {
             libc::posix_fadvise(
                 self.log_file.as_raw_fd(),
-                from as libc::off_t,
-                len as libc::off_t,
+                advise_from as libc::off_t,
+                (up_to - advise_from) as libc::off_t,
                 libc::POSIX_FADV_DONTNEED,
             )
         };
@@ -811,7 +823,9 @@ impl Segment {
             let error = io::Error::from_raw_os_error(dropped);
             tracing::debug!(path = %self.log_path.display(), %error, "cannot drop flushed bytes from the page cache");
         }
-        self.cache_dropped_to.store(up_to as u32, Ordering::Release);
+        self.cache_dropped_to
+            .store(u32::try_from(up_to).unwrap_or(u32::MAX), Ordering::Release);
+        true
     }
 
     /// Forces the indexes (not the `.log`) to disk.
@@ -1078,6 +1092,11 @@ fn scan(
     }
 }
 
+/// Bytes `drop_cached` lets build up before it drops them, unless told to keep none.
+const DROP_STEP_BYTES: u64 = 1 << 20;
+/// Largest page-cache folio a file's pages may share (a PMD, 2 MiB on x86-64).
+const FOLIO_BYTES_MAX: u64 = 2 << 20;
+
 /// The size of a memory page.
 fn page_size() -> u64 {
     // SAFETY: sysconf reads a constant of the system.
@@ -1306,7 +1325,7 @@ mod tests {
         // Without `fallocate` (as `reserve` leaves it after EOPNOTSUPP).
         let segment = Segment::create(dir.path(), 1 << 40, &config).unwrap();
         segment.lock_append_state().fallocate = false;
-        let appended = fill(&segment, 8 << 20);
+        let appended = fill(&segment, 1 << 20);
         assert_eq!(segment.lock_append_state().reserved_end, 0);
         let (read, _) = segment
             .read(segment.base_offset(), usize::MAX, u64::MAX)
@@ -1315,7 +1334,6 @@ mod tests {
         assert!(!segment.seal().unwrap());
     }
 
-    /// Guards that reservations stop at `segment_bytes` (a small segment does not reserve a
     /// Which pages of `segment`'s `.log` from `from` to `to` bytes are in the page cache.
     fn resident(segment: &Segment, from: usize, to: usize) -> Vec<bool> {
         let page = page_size() as usize;
@@ -1385,7 +1403,7 @@ mod tests {
         let size = segment.size();
         let page = page_size() as usize;
         let keep = 64 << 10;
-        segment.drop_cached(size, keep as u64);
+        segment.drop_cached(size, keep as u64, false);
         let up_to = (size as usize - keep) / page * page;
         assert_eq!(
             segment.cache_dropped_to.load(Ordering::Acquire) as usize,
@@ -1408,11 +1426,12 @@ mod tests {
         assert!(segment.published() == &appended[..]);
         assert!(held.as_ref() == &appended[..]);
         // Nothing more is dropped without a new flush past the window, and appends go on.
-        segment.drop_cached(size, keep as u64);
+        assert!(!segment.drop_cached(size, keep as u64, false));
         fill(&segment, 9 << 20);
         assert!(segment.published()[..appended.len()] == appended[..]);
     }
 
+    /// Guards that reservations stop at `segment_bytes` (a small segment does not reserve a
     /// whole first chunk) unless one lone batch needs more.
     #[test]
     fn reservations_stop_at_segment_bytes() {
