@@ -1090,7 +1090,8 @@ fn drop_cached_behind(segments: &[Arc<Segment>], synced: &[(u64, u32)], keep_byt
         let keep_here = keep_bytes.saturating_sub(after);
         // Only the active (last) segment grows, and its sync may not cover all of it.
         let whole = i + 1 < segments.len() && keep_here == 0;
-        if !segment.drop_cached(synced_size, keep_here, whole) && whole {
+        // An empty sealed segment (kept with a damaged tail) has nothing to say of older ones.
+        if !segment.drop_cached(synced_size, keep_here, whole) && whole && segment.size() > 0 {
             break;
         }
         after += u64::from(segment.size());

@@ -781,8 +781,11 @@ impl Segment {
     /// logged, not returned.
     pub(crate) fn drop_cached(&self, synced_size: u32, keep_bytes: u64, whole: bool) -> bool {
         let page = page_size();
+        // A segment that stopped growing and is on disk whole: always so when `whole` is asked
+        // for, but a flush must not crash on it.
+        debug_assert!(!whole || (keep_bytes == 0 && synced_size == self.size()));
+        let whole = whole && keep_bytes == 0 && synced_size == self.size();
         let up_to = if whole {
-            assert!(keep_bytes == 0 && synced_size == self.size());
             u64::from(synced_size).div_ceil(page) * page
         } else {
             u64::from(synced_size).saturating_sub(keep_bytes) / page * page
@@ -792,8 +795,9 @@ impl Segment {
             return false;
         }
         let len = (up_to - from) as usize;
-        // SAFETY: `[from, up_to)` lies below `size`, inside the shared file mapping, and `from`
-        // is page-aligned like the map's start. MADV_DONTNEED on a shared file mapping only
+        // SAFETY: `[from, up_to)` lies below `size` (rounded up to a page for a whole segment),
+        // inside the shared file mapping (the kernel maps whole pages, and `size` is at most its
+        // length), and `from` is page-aligned like the map's start. MADV_DONTNEED on a shared file mapping only
         // removes the page-table entries: the next access reads the same bytes from the page
         // cache or the file, so no reader sees memory change.
         let unmapped = unsafe {
@@ -823,8 +827,9 @@ impl Segment {
             let error = io::Error::from_raw_os_error(dropped);
             tracing::debug!(path = %self.log_path.display(), %error, "cannot drop flushed bytes from the page cache");
         }
-        self.cache_dropped_to
-            .store(u32::try_from(up_to).unwrap_or(u32::MAX), Ordering::Release);
+        let up_to =
+            u32::try_from(up_to).expect("a segment's size, rounded up to a page, fits a u32");
+        self.cache_dropped_to.store(up_to, Ordering::Release);
         true
     }
 
