@@ -775,8 +775,24 @@ fn flush_interval_flushes_when_due() {
 
 #[test]
 fn concurrent_readers_see_a_consistent_prefix_while_the_writer_appends() {
+    readers_keep_up_with(small_config());
+}
+
+/// The same while every append is flushed and then dropped from the page cache (a window of 0,
+/// `always`): the readers' slices lose their pages under them and fault the same bytes back in.
+#[test]
+fn concurrent_readers_see_the_same_records_while_flushed_bytes_leave_the_page_cache() {
+    readers_keep_up_with(LogConfig {
+        flush: FlushPolicy::Always,
+        page_cache_window_bytes: Some(0),
+        ..small_config()
+    });
+}
+
+/// Two readers follow one writer of 2,000 records, each checking every record once, in order.
+fn readers_keep_up_with(config: LogConfig) {
     let dir = tempfile::tempdir().unwrap();
-    let log = Arc::new(Log::open(dir.path(), small_config()).unwrap());
+    let log = Arc::new(Log::open(dir.path(), config).unwrap());
     let total = 2000u64;
     let readers: Vec<_> = (0..2)
         .map(|_| {
