@@ -500,6 +500,10 @@ fn failures_exit_1_with_one_error_line_and_bad_usage_exits_2() {
         (&["frobnicate"], "frobnicate"),
         (&["serve", "--listen", "not-an-address"], "not-an-address"),
         (&["serve", "--fsync", "sometimes"], "sometimes"),
+        (
+            &["serve", "--page-cache-window-bytes", "-2"],
+            "page_cache_window_bytes",
+        ),
     ] {
         run(&broker, args, "x\n").fails(2, needle);
     }

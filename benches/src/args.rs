@@ -64,10 +64,10 @@ pub struct Args {
     pub fsync: Option<String>,
     /// Page cache window of the in-process broker (its `page_cache_window_bytes`): after each
     /// flush, partition bytes on disk more than this far behind the log end are dropped from
-    /// the page cache. Default: none (the kernel decides, as with Kafka). Ignored
-    /// with --broker.
-    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
-    pub page_cache_window: Option<u64>,
+    /// the page cache; `off` leaves the page cache to the kernel, as Kafka does. Default: the
+    /// broker's default (256 MiB). Ignored with --broker.
+    #[arg(long, value_name = "BYTES|off", value_parser = parse_window)]
+    pub page_cache_window: Option<Window>,
     /// Pace producers to this many MB/s in total (MB = 10^6 bytes). Default: as fast as possible.
     #[arg(long, value_name = "MB_PER_S")]
     pub rate: Option<f64>,
@@ -158,6 +158,28 @@ impl Plan {
 /// # Errors
 ///
 /// A message for anything else, or a size that does not fit in a u64.
+/// A `--page-cache-window`: a size, or `None` for `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window(pub Option<u64>);
+
+/// Parses `--page-cache-window`: `off`, or a size as [`parse_bytes`] takes it.
+///
+/// # Errors
+///
+/// A message naming the text, if it is neither.
+pub fn parse_window(text: &str) -> Result<Window, String> {
+    if text.trim() == "off" {
+        return Ok(Window(None));
+    }
+    parse_bytes(text).map(|bytes| Window(Some(bytes)))
+}
+
+/// The in-process broker's page cache window when `--page-cache-window` is not given: the
+/// broker's own default.
+fn default_window() -> Option<u64> {
+    u64::try_from(BrokerConfig::default().page_cache_window_bytes).ok()
+}
+
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let digits_end = text
@@ -281,7 +303,9 @@ impl Args {
         Ok(Plan {
             broker: self.broker.clone(),
             fsync,
-            page_cache_window: self.page_cache_window,
+            page_cache_window: self
+                .page_cache_window
+                .map_or_else(default_window, |window| window.0),
             producers: self.producers,
             consumers: self.consumers,
             group: self.group.clone(),
@@ -356,13 +380,20 @@ mod tests {
         assert!(plan(&["--replay"]).unwrap().replay);
         assert!(!p.push);
         assert!(plan(&["--push"]).unwrap().push);
-        assert_eq!(p.page_cache_window, None);
+        assert_eq!(p.page_cache_window, Some(256 << 20));
         assert_eq!(
             plan(&["--page-cache-window", "64MiB"])
                 .unwrap()
                 .page_cache_window,
             Some(64 << 20)
         );
+        assert_eq!(
+            plan(&["--page-cache-window", "off"])
+                .unwrap()
+                .page_cache_window,
+            None
+        );
+        assert!(plan(&["--page-cache-window", "sometimes"]).is_err());
     }
 
     #[test]

@@ -76,6 +76,10 @@ struct ServeArgs {
     /// Default retention by size per partition in bytes, -1 for none [default: -1].
     #[arg(long, allow_negative_numbers = true)]
     retention_bytes: Option<i64>,
+    /// Flushed bytes more than this far behind a partition's end leave the page cache; -1
+    /// leaves the page cache to the kernel [default: 268435456].
+    #[arg(long, allow_negative_numbers = true)]
+    page_cache_window_bytes: Option<i64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -308,6 +312,9 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
     }
     if let Some(v) = args.retention_bytes {
         config.retention_bytes = v;
+    }
+    if let Some(v) = args.page_cache_window_bytes {
+        config.page_cache_window_bytes = v;
     }
     config.validate().map_err(usage_error)?;
     // Each partition holds a descriptor per segment: thousands of partitions need more than

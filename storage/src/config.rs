@@ -79,7 +79,8 @@ pub struct LogConfig {
     /// kernel reclaims it, as Kafka leaves it. A sustained writer whose readers keep up then
     /// reuses the same memory instead of spreading the cache over all of it, which is far
     /// cheaper where first touches of memory are expensive (a VM). A window smaller than the
-    /// readers' lag makes every read a disk read.
+    /// readers' lag makes every read a disk read. (The broker sets 256 MiB unless told
+    /// otherwise.)
     pub page_cache_window_bytes: Option<u64>,
 }
 
