@@ -118,6 +118,10 @@ pub struct Log {
     /// Serialises flushes (group commit) and checkpoint writes. Taken after `writer`, never
     /// before it.
     flush_state: Mutex<FlushState>,
+    /// Held while flushed bytes leave the page cache (`page_cache_window_bytes`), after the
+    /// flush lock is released: one flusher drops at a time, and one that finds another at it
+    /// skips (the next flush drops what this one would have).
+    cache_drop: Mutex<()>,
     /// Set by `close`; appends fail afterwards.
     closed: AtomicBool,
     /// Set when `close` finished: flushed, checkpointed, marker written.
@@ -281,6 +285,7 @@ impl Log {
                 last_flush: Instant::now(),
                 checkpoint_on_disk: checkpoint,
             }),
+            cache_drop: Mutex::new(()),
             closed: AtomicBool::new(false),
             closed_cleanly: AtomicBool::new(false),
             failed: AtomicBool::new(false),
@@ -594,8 +599,10 @@ impl Log {
                 path: self.dir.clone(),
             });
         }
-        let flushed = self.flush_locked(&mut state);
-        self.fail_on_error(flushed)?;
+        // Failed before the lock is released: a caller queued behind must not retry the fsync.
+        let flushed = self.fail_on_error(self.flush_locked(&mut state));
+        drop(state);
+        self.drop_cached_behind(flushed?);
         let recovery_point = self.recovery_point.load(Ordering::Acquire);
         if recovery_point < end.0 {
             return Err(StorageError::OffsetOutOfRange {
@@ -607,10 +614,13 @@ impl Log {
         Ok(())
     }
 
-    /// Flushes everything appended so far. Called with the flush lock held.
-    fn flush_locked(&self, state: &mut FlushState) -> Result<()> {
+    /// Flushes everything appended so far. Called with the flush lock held. Returns what this
+    /// flush synced, for `drop_cached_behind` to run once the flush lock is released (so that
+    /// the callers queued behind it are not kept waiting for page cache advice).
+    fn flush_locked(&self, state: &mut FlushState) -> Result<Option<Synced>> {
         let end = self.log_end_offset.load(Ordering::Acquire);
         let recovery_point = self.recovery_point.load(Ordering::Acquire);
+        let mut flushed = None;
         if recovery_point < end {
             let segments = self.segments();
             let active_base = segments.last().expect("one segment").base_offset();
@@ -625,12 +635,23 @@ impl Log {
             if self.config.flush == FlushPolicy::Always {
                 self.high_watermark.fetch_max(end, Ordering::AcqRel);
             }
-            if let Some(keep_bytes) = self.config.page_cache_window_bytes {
-                drop_cached_behind(&segments, &synced, keep_bytes);
-            }
+            flushed = Some(Synced { segments, synced });
         }
         state.last_flush = Instant::now();
-        Ok(())
+        Ok(flushed)
+    }
+
+    /// With a `page_cache_window_bytes`, drops what `synced` made droppable from the page cache
+    /// (`drop_cached_behind` below). Called without the flush lock; skipped while another
+    /// caller is dropping.
+    fn drop_cached_behind(&self, synced: Option<Synced>) {
+        let (Some(keep_bytes), Some(synced)) = (self.config.page_cache_window_bytes, synced) else {
+            return;
+        };
+        let Ok(_dropping) = self.cache_drop.try_lock() else {
+            return;
+        };
+        drop_cached_behind(&synced.segments, &synced.synced, keep_bytes);
     }
 
     /// Flushes every record appended so far to disk and writes the recovery-point checkpoint.
@@ -646,8 +667,11 @@ impl Log {
             });
         }
         let flushed = self.flush_locked(&mut state);
-        self.fail_on_error(flushed)?;
-        self.write_checkpoint(&mut state)
+        let synced = self.fail_on_error(flushed)?;
+        let checkpointed = self.write_checkpoint(&mut state);
+        drop(state);
+        self.drop_cached_behind(synced);
+        checkpointed
     }
 
     /// Writes the recovery-point checkpoint, unless the one on disk says the same already.
@@ -931,6 +955,7 @@ impl Log {
         self.log_end_offset.store(new_end, Ordering::Release);
         self.high_watermark.fetch_min(new_end, Ordering::AcqRel);
         self.recovery_point.fetch_min(new_end, Ordering::AcqRel);
+        // Nothing is dropped from the page cache here: the next flush does it.
         self.flush_locked(flush_state)?;
         self.write_checkpoint(flush_state)
     }
@@ -1073,6 +1098,14 @@ fn delete_segment_files(
         }
     }
     Ok(())
+}
+
+/// What one flush synced: the segments as they were, and for each segment it synced, that
+/// segment's size before the sync (what the sync covers).
+#[derive(Debug)]
+struct Synced {
+    segments: Arc<Vec<Arc<Segment>>>,
+    synced: Vec<(u64, u32)>,
 }
 
 /// Drops from the page cache the log's bytes that are on disk and more than `keep_bytes` behind
