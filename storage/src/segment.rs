@@ -12,10 +12,10 @@
 //! file system then has the blocks already and skips its delayed-allocation work per write
 //! (measured: ~15 KiB appends +12-18%, ~256 KiB appends +35%), and a full disk fails the
 //! reservation before any byte is written. Where the file system cannot `fallocate`, appends
-//! just grow the file. A busy segment (at least 10 MiB/s) also writes zeros over each 1 MiB it
-//! reserves, unless every append is synced: one aligned write that puts the room into the page
-//! cache in large folios, so that the appends after it overwrite cached pages (`prefill`:
-//! 16 KiB appends 1.6x faster). The file is read through a read-only shared memory map of `capacity`
+//! just grow the file. A busy segment of small appends (at least 10 MiB/s, 64 KiB or less per
+//! append) also writes zeros over each 1 MiB it reserves, unless every append is synced: aligned
+//! 64 KiB writes that put the room into the page cache in 64 KiB folios, so that the appends
+//! after them overwrite cached pages (`prefill`: 16 KiB appends 1.6x faster). The file is read through a read-only shared memory map of `capacity`
 //! bytes made once when the segment is created or opened. (Copying appends into a writable map
 //! instead, with the pages ahead pre-faulted by `MADV_POPULATE_WRITE`, was measured slower on
 //! fresh segment files: every page then costs a page fault, a zeroed page and a `page_mkwrite`,
@@ -66,6 +66,11 @@ const ZEROS_BYTES: usize = 64 << 10;
 /// Slower segments gain little from it, and under `interval-ms` the zeros still ahead of the
 /// data at a flush go to disk too: for a busy segment that is at most one step per flush.
 const PREFILL_INTERVAL_MAX: Duration = Duration::from_millis(100);
+/// ... and whose appends are small: at least this many went into the previous step (64 KiB or
+/// less on average). Large appends make large folios themselves: 256 KiB appends went from
+/// 57-60 us to 67-75 us with the zeros written first, where 16 KiB ones went from 8.2-8.6 us to
+/// 5.2-5.5 us.
+const PREFILL_APPENDS_MIN: u32 = (RESERVE_MAX_BYTES / ZEROS_BYTES) as u32;
 const _: () = assert!(RESERVE_FIRST_BYTES <= RESERVE_MAX_BYTES);
 const _: () = assert!(RESERVE_MAX_BYTES.is_power_of_two());
 const _: () = assert!(RESERVE_MAX_BYTES.is_multiple_of(RESERVE_FIRST_BYTES));
@@ -105,6 +110,8 @@ struct AppendState {
     /// When the last full-step (`RESERVE_MAX_BYTES`) reservation was made, to tell a busy
     /// segment (see `PREFILL_INTERVAL_MAX`).
     last_full_reserve: Option<Instant>,
+    /// Appends since then, to tell small appends (see `PREFILL_APPENDS_MIN`).
+    appends_since_full_reserve: u32,
     /// Set by `seal`: the segment takes no more appends.
     sealed: bool,
 }
@@ -307,6 +314,7 @@ impl Segment {
                 reserve_step_bytes: RESERVE_FIRST_BYTES,
                 fallocate: true,
                 last_full_reserve: None,
+                appends_since_full_reserve: 0,
                 sealed: !active,
             }),
             index_interval_bytes: config.index_interval_bytes,
@@ -624,6 +632,7 @@ impl Segment {
         if state.fallocate && state.reserved_end < end {
             self.reserve(&mut state, end)?;
         }
+        state.appends_since_full_reserve = state.appends_since_full_reserve.saturating_add(1);
         let written = self
             .write_with_offsets(chunk, first_offset, u64::from(position))
             .map_err(io_err(&self.log_path))
@@ -707,8 +716,10 @@ impl Segment {
                     let busy = state
                         .last_full_reserve
                         .is_some_and(|last| now.duration_since(last) <= PREFILL_INTERVAL_MAX);
+                    let small = state.appends_since_full_reserve >= PREFILL_APPENDS_MIN;
                     state.last_full_reserve = Some(now);
-                    if busy {
+                    state.appends_since_full_reserve = 0;
+                    if busy && small {
                         // From the page the append ends in (it writes its bytes over the
                         // zeros), so that the write of zeros starts on a page.
                         let page = page_size() as usize;
@@ -740,12 +751,13 @@ impl Segment {
     }
 
     /// Writes zeros over `[from, to)`, room just reserved past `size` (the `.log` reads as zeros
-    /// there already). Only the page cache changes: it now holds that room in large folios,
-    /// made by one aligned write, and the appends that follow overwrite cached pages instead of
-    /// adding a page (or a small folio) to the cache at every unaligned write. Measured with
-    /// writes of 15,556 bytes into fallocated room: 2.0-2.2 GB/s plain, 3.5-3.6 GB/s with the
-    /// 1 MiB of zeros written first, those zeros included (`BENCHMARKS.md`). PostgreSQL fills new
-    /// WAL files with zeros (`wal_init_zero`) for a similar reason.
+    /// there already). Only the page cache changes: it now holds that room in 64 KiB folios,
+    /// made by aligned writes, and the appends that follow overwrite cached pages instead of
+    /// adding a page (or a small folio) to the cache at every unaligned write. Measured in C
+    /// with writes of 15,556 bytes into fallocated room: 2.0-2.2 GB/s plain, 3.7-4.2 GB/s with
+    /// each MiB of zeros written first in 64 KiB pieces, those zeros included; on the log,
+    /// `append/never/16KiB` went from 8.2-8.7 us to 5.2 us (`BENCHMARKS.md`). PostgreSQL fills
+    /// new WAL files with zeros (`wal_init_zero`) for a similar reason.
     ///
     /// A failure is only logged: the room is reserved either way, and the append that follows
     /// reports a failing disk.
@@ -753,12 +765,19 @@ impl Segment {
         if from >= to {
             return;
         }
-        let mut slices: Vec<io::IoSlice<'_>> = (from..to)
-            .step_by(ZEROS_BYTES)
-            .map(|at| io::IoSlice::new(&ZEROS[..ZEROS_BYTES.min(to - at)]))
-            .collect();
-        if let Err(error) = write_all_vectored_at(&self.log_file, &mut slices, from as u64) {
-            tracing::debug!(path = %self.log_path.display(), %error, "cannot write zeros over reserved room");
+        // One write per 64 KiB-aligned piece: folios of up to 64 KiB. One write of the whole
+        // MiB makes folios of up to the largest order, and allocating those in a fragmented
+        // memory (and, in a VM that hands freed memory back, refilling them) stalled appends:
+        // on the same machine the 1 MiB write ran the first pass at 436-456 MB/s and later
+        // ones at 3.2-3.5 GB/s, the 64 KiB writes at 3.7-4.2 GB/s from the first pass on.
+        let mut at = from;
+        while at < to {
+            let end = (at + 1).next_multiple_of(ZEROS_BYTES).min(to);
+            if let Err(error) = self.log_file.write_all_at(&ZEROS[..end - at], at as u64) {
+                tracing::debug!(path = %self.log_path.display(), %error, "cannot write zeros over reserved room");
+                return;
+            }
+            at = end;
         }
     }
 
@@ -1315,17 +1334,25 @@ mod tests {
     /// Appends copies of one ~16 KiB batch, with offsets assigned, until the segment holds at
     /// least `bytes`; returns the bytes appended.
     fn fill(segment: &Segment, bytes: usize) -> Vec<u8> {
+        fill_with(segment, bytes, 1)
+    }
+
+    /// `fill`, with `batches` copies of the batch in each append.
+    fn fill_with(segment: &Segment, bytes: usize, batches: usize) -> Vec<u8> {
         let mut builder = octolog_batch::BatchBuilder::new();
         for i in 0..15u8 {
             builder.push(1_700_000_000_000, None, Some(&[i; 1000]), &[]);
         }
-        let mut batch = builder.finish().to_vec();
+        let batch = builder.finish().to_vec();
+        let mut chunk = batch.repeat(batches);
         let mut appended = Vec::new();
         while (segment.size() as usize) < bytes {
             let first_offset = segment.next_offset();
-            segment.append(&batch, first_offset).unwrap();
-            octolog_batch::set_base_offset(&mut batch, first_offset as i64);
-            appended.extend_from_slice(&batch);
+            segment.append(&chunk, first_offset).unwrap();
+            for (i, stored) in chunk.chunks_mut(batch.len()).enumerate() {
+                octolog_batch::set_base_offset(stored, (first_offset + 15 * i as u64) as i64);
+            }
+            appended.extend_from_slice(&chunk);
             let state = segment.lock_append_state();
             let file_len = segment.log_file.metadata().unwrap().len() as usize;
             if state.fallocate {
@@ -1392,11 +1419,11 @@ mod tests {
         assert!(!segment.seal().unwrap());
     }
 
-    /// Guards `prefill`: a busy segment holds the room it reserved in the page cache (zeros
-    /// written over it) unless every append is synced (`FlushPolicy::Always`), and its data
-    /// reads back as appended with zeros past it.
+    /// Guards `prefill`: a busy segment of small appends holds the room it reserved in the page
+    /// cache (zeros written over it) unless every append is synced (`FlushPolicy::Always`), and
+    /// its data reads back as appended with zeros past it.
     #[test]
-    fn busy_segments_write_zeros_over_reserved_room_unless_every_append_is_synced() {
+    fn busy_segments_of_small_appends_write_zeros_over_reserved_room_unless_synced() {
         let dir = tempfile::tempdir().unwrap();
         if !fallocate_leaves_the_cache_alone(dir.path()) {
             eprintln!("this file system caches room fallocate reserves: nothing to tell apart");
@@ -1404,7 +1431,7 @@ mod tests {
         }
         let page = page_size() as usize;
         // Whether, after each reservation, the room past the data was all in the page cache.
-        let cached_rooms = |flush: FlushPolicy, base_offset: u64| -> Vec<bool> {
+        let cached_rooms = |flush: FlushPolicy, base_offset: u64, batches: usize| -> Vec<bool> {
             let config = LogConfig {
                 segment_bytes: 64 << 20,
                 index_bytes_max: 1 << 20,
@@ -1418,7 +1445,7 @@ mod tests {
             // Bounded: full-step reservations more than `PREFILL_INTERVAL_MAX` apart are not
             // prefilled, and a loaded machine may stall between some of them.
             while reserved_end < 24 << 20 {
-                appended.extend(fill(&segment, reserved_end + 1));
+                appended.extend(fill_with(&segment, reserved_end + 1, batches));
                 reserved_end = segment.lock_append_state().reserved_end;
                 let room_from = (segment.size() as usize).div_ceil(page) * page;
                 if room_from < reserved_end {
@@ -1435,13 +1462,16 @@ mod tests {
             assert!(file[size..].iter().all(|&b| b == 0));
             rooms
         };
-        let never = cached_rooms(FlushPolicy::Never, 0);
+        let never = cached_rooms(FlushPolicy::Never, 0, 1);
         // Not the rooms of the growing steps (64 KiB to 512 KiB) nor of the first full one,
         // which only starts the clock that tells a busy segment.
         assert!(never[..5].iter().all(|&cached| !cached), "{never:?}");
         assert!(never[5..].iter().any(|&cached| cached), "{never:?}");
-        let always = cached_rooms(FlushPolicy::Always, 1 << 40);
+        let always = cached_rooms(FlushPolicy::Always, 1 << 40, 1);
         assert!(always.iter().all(|&cached| !cached), "{always:?}");
+        // Appends of ~256 KiB (17 batches each) make large folios themselves.
+        let large = cached_rooms(FlushPolicy::Never, 2 << 40, 17);
+        assert!(large.iter().all(|&cached| !cached), "{large:?}");
     }
 
     /// Whether a new file's room reserved with `fallocate` stays out of the page cache (tmpfs,
