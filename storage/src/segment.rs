@@ -1477,14 +1477,20 @@ mod tests {
     /// Whether a new file's room reserved with `fallocate` stays out of the page cache (tmpfs,
     /// for one, allocates cached pages for it).
     fn fallocate_leaves_the_cache_alone(dir: &Path) -> bool {
-        let path = dir.join("fallocate-probe");
+        probe_leaves_no_page_cached(dir, |file| fallocate(file, 0, 1 << 20).is_ok())
+    }
+
+    /// Whether `prepare` (true if it succeeded) leaves no page of the first MiB of a new probe
+    /// file in `dir` in the page cache.
+    fn probe_leaves_no_page_cached(dir: &Path, prepare: impl FnOnce(&File) -> bool) -> bool {
+        let path = dir.join("probe");
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&path)
             .unwrap();
-        if fallocate(&file, 0, 1 << 20).is_err() {
+        if !prepare(&file) {
             std::fs::remove_file(&path).unwrap();
             return false;
         }
@@ -1527,32 +1533,14 @@ mod tests {
     /// Whether the file system of `dir` drops a file's clean pages on `POSIX_FADV_DONTNEED`
     /// (tmpfs, for one, keeps them): a probe file, written, synced and advised.
     fn drops_clean_pages(dir: &Path) -> bool {
-        let path = dir.join("probe");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        file.write_all_at(&vec![7u8; 1 << 20], 0).unwrap();
-        file.sync_data().unwrap();
-        // SAFETY: a system call on a descriptor we own; no memory is passed.
-        let advised =
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        // SAFETY: the probe file is ours and nothing changes its length while it is mapped.
-        let map = unsafe { MmapOptions::new().len(1 << 20).map(&file) }.unwrap();
-        let mut flags = vec![0u8; (1 << 20) / page_size() as usize];
-        // SAFETY: `flags` has one byte per page of the mapping.
-        let done = unsafe {
-            libc::mincore(
-                map.as_ptr() as *mut libc::c_void,
-                1 << 20,
-                flags.as_mut_ptr(),
-            )
-        };
-        drop(map);
-        std::fs::remove_file(&path).unwrap();
-        advised == 0 && done == 0 && flags.iter().all(|f| f & 1 == 0)
+        probe_leaves_no_page_cached(dir, |file| {
+            file.write_all_at(&vec![7u8; 1 << 20], 0).unwrap();
+            file.sync_data().unwrap();
+            // SAFETY: a system call on a descriptor we own; no memory is passed.
+            let advised =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            advised == 0
+        })
     }
 
     /// Guards `drop_cached`: the flushed bytes behind the window leave the page cache, the
