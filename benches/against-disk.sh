@@ -16,6 +16,8 @@
 #
 # Usage: bash benches/against-disk.sh durable|sustained [more octolog-bench flags...]
 #   e.g. bash benches/against-disk.sh durable --replay
+# The script sets --fsync, --total-bytes, --json (and --producers for durable): do not repeat
+# them.
 # Env: BIN (default target/release); DIR, the folder of the disk measurements and of the
 # bench's own broker (default ${TMPDIR:-/tmp}); TOTAL_BYTES.
 # Build first: cargo build --release -p octolog-bench
@@ -49,6 +51,10 @@ esac
     echo "against-disk: $DIR is not a folder" >&2
     exit 1
 }
+if [ "$(stat -f -c %T "$DIR")" = tmpfs ]; then
+    echo "against-disk: $DIR is on tmpfs (memory, not a disk): set DIR to a folder on the disk" >&2
+    exit 1
+fi
 if [ "$mode" = durable ] && ! command -v fio >/dev/null 2>&1; then
     echo "against-disk: durable needs fio (apt-get install fio)" >&2
     exit 1
@@ -84,6 +90,7 @@ disk() {
 }
 
 if [ "$mode" = durable ]; then
+    fio_size "$TOTAL_BYTES" >/dev/null
     what="fio 256 KiB writes + fdatasync each, new file, $TOTAL_BYTES"
 else
     what="dd 8 GiB bs=1M conv=fdatasync, new file"

@@ -152,12 +152,6 @@ impl Plan {
     }
 }
 
-/// Parses a size: a byte count, optionally with a decimal (`k`, `KB`, `M`, `MB`, `G`, `GB`) or
-/// binary (`KiB`, `MiB`, `GiB`) suffix.
-///
-/// # Errors
-///
-/// A message for anything else, or a size that does not fit in a u64.
 /// A `--page-cache-window`: a size, or `None` for `off`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window(pub Option<u64>);
@@ -180,6 +174,12 @@ fn default_window() -> Option<u64> {
     u64::try_from(BrokerConfig::default().page_cache_window_bytes).ok()
 }
 
+/// Parses a size: a byte count, optionally with a decimal (`k`, `KB`, `M`, `MB`, `G`, `GB`) or
+/// binary (`KiB`, `MiB`, `GiB`) suffix.
+///
+/// # Errors
+///
+/// A message for anything else, or a size that does not fit in a u64.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let digits_end = text

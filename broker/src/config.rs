@@ -97,8 +97,9 @@ pub const RECOVERY_THREADS_MAX: usize = 256;
 /// from the allocator. On virtual machines that hand free memory back to their host (free page
 /// reporting, a balloon, DAMON reclaim) that fresh page is a host fault: a sustained 20 GiB run
 /// went at 275-333 MB/s without the window and 484-586 MB/s with it on the same machine
-/// (`BENCHMARKS.md`). Bytes the log drops itself are reused at once, and the memory the
-/// broker's logs hold stays bounded. The price: a consumer more than 256 MiB behind the end of
+/// (`BENCHMARKS.md`). Bytes the log drops itself are reused at once, and the page cache a busy
+/// partition holds stays bounded (per partition: thousands of partitions are still bounded
+/// only by the kernel). The price: a consumer more than 256 MiB behind the end of
 /// its partition reads from disk (sequentially, with read-ahead); 256 MiB of 1 KiB records is a
 /// quarter of a million records per partition.
 pub const PAGE_CACHE_WINDOW_BYTES_DEFAULT: i64 = 256 << 20;

@@ -643,13 +643,17 @@ impl Log {
 
     /// With a `page_cache_window_bytes`, drops what `synced` made droppable from the page cache
     /// (`drop_cached_behind` below). Called without the flush lock; skipped while another
-    /// caller is dropping.
+    /// caller is dropping, and then left to the next flush (a partition that goes idle keeps
+    /// those bytes cached until the kernel reclaims them).
     fn drop_cached_behind(&self, synced: Option<Synced>) {
         let (Some(keep_bytes), Some(synced)) = (self.config.page_cache_window_bytes, synced) else {
             return;
         };
-        let Ok(_dropping) = self.cache_drop.try_lock() else {
-            return;
+        // Poisoned only by a panic in an earlier drop, which left nothing half done.
+        let _dropping = match self.cache_drop.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
         };
         drop_cached_behind(&synced.segments, &synced.synced, keep_bytes);
     }
