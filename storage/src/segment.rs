@@ -14,13 +14,13 @@
 //! reservation before any byte is written. Where the file system cannot `fallocate`, appends
 //! just grow the file. A busy segment of small appends (at least 10 MiB/s, 64 KiB or less per
 //! append) also writes zeros over each 1 MiB it reserves, unless flushes come more often than
-//! once a second: aligned
-//! 64 KiB writes that put the room into the page cache in 64 KiB folios, so that the appends
-//! after them overwrite cached pages (`prefill`: 16 KiB appends 1.6x faster). The file is read through a read-only shared memory map of `capacity`
-//! bytes made once when the segment is created or opened. (Copying appends into a writable map
-//! instead, with the pages ahead pre-faulted by `MADV_POPULATE_WRITE`, was measured slower on
-//! fresh segment files: every page then costs a page fault, a zeroed page and a `page_mkwrite`,
-//! where `pwrite` fills large folios; see `BENCHMARKS.md`.)
+//! once a second: aligned 64 KiB writes that put the room into the page cache in 64 KiB folios,
+//! so that the appends after them overwrite cached pages (`prefill`: 16 KiB appends 1.6x
+//! faster). The file is read through a read-only shared memory map of `capacity` bytes made
+//! once when the segment is created or opened. (Copying appends into a writable map instead,
+//! with the pages ahead pre-faulted by `MADV_POPULATE_WRITE`, was measured slower on fresh
+//! segment files: every page then costs a page fault, a zeroed page and a `page_mkwrite`, where
+//! `pwrite` fills large folios; see `BENCHMARKS.md`.)
 //!
 //! A reader only ever forms slices below the `size` it loaded, and bytes below `size` never
 //! change: the writer stores only at or past `size`, and the file is never shrunk below `size`
