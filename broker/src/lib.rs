@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cli_group;
 pub mod config;
 pub mod error;
+mod fetch_path;
 pub mod group;
 pub mod group_service;
 pub mod open_files;

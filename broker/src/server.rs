@@ -27,6 +27,7 @@ use tonic::{Code, Status};
 
 use crate::broker::Broker;
 use crate::error::{BrokerError, Result};
+use crate::fetch_path::FetchPath;
 use crate::service::OctologService;
 
 /// How often the maintenance task looks for due flushes (`interval-ms` policy).
@@ -215,9 +216,17 @@ pub async fn run(
     let config = broker.config().clone();
     let connections = Arc::new(Semaphore::new(config.connections_max));
     let maintenance_task = tokio::spawn(maintenance(Arc::clone(&broker)));
-    let service = OctologServer::new(OctologService::new(Arc::clone(&broker)))
+    let response_bytes_max = config.fetch_bytes_max as usize + (1 << 20);
+    let octolog = OctologServer::new(OctologService::new(Arc::clone(&broker)))
         .max_decoding_message_size(config.request_bytes_max)
-        .max_encoding_message_size(config.fetch_bytes_max as usize + (1 << 20));
+        .max_encoding_message_size(response_bytes_max);
+    // `Fetch` without tonic's encode copy (`fetch_path`); every other call goes to tonic.
+    let service = FetchPath::new(
+        octolog,
+        OctologService::new(Arc::clone(&broker)),
+        config.request_bytes_max,
+        response_bytes_max,
+    );
     let signal_broker = Arc::clone(&broker);
     let signal = async move {
         shutdown.await;

@@ -282,6 +282,64 @@ impl OctologService {
             .map_err(|e| Status::internal(format!("task failed: {e}")))?
             .map_err(status)
     }
+
+    /// Answers a `Fetch` request: the trait method, and the broker's zero-copy path for it
+    /// (`fetch_path`), both call this.
+    pub(crate) async fn fetch_answer(
+        &self,
+        r: pb::FetchRequest,
+    ) -> Result<pb::FetchResponse, Status> {
+        let format = format_of(r.format)?;
+        check_distinct(r.partitions.iter().map(|p| p.partition))?;
+        let partitions: Vec<FetchPartition> = r
+            .partitions
+            .iter()
+            .map(|p| FetchPartition {
+                partition: p.partition,
+                offset: Offset(p.offset),
+                bytes_max: p.max_bytes,
+            })
+            .collect();
+        let topic = r.topic.clone();
+        let answers = self
+            .broker
+            .fetch(FetchRequest {
+                topic: r.topic,
+                partitions: partitions.clone(),
+                max_wait_ms: r.max_wait_ms,
+                min_bytes: r.min_bytes,
+                max_bytes: r.max_bytes,
+                group: r.group.map(|g| crate::group::MemberContext {
+                    group: g.group,
+                    member_id: g.member_id,
+                    epoch: g.member_epoch,
+                }),
+            })
+            .await
+            .map_err(status)?;
+        let partitions = answers
+            .into_iter()
+            .zip(&partitions)
+            .map(|(answer, asked)| {
+                let log = match &answer.result {
+                    Ok(_) => None,
+                    Err(_) => self
+                        .broker
+                        .topic(&topic)
+                        .ok()
+                        .and_then(|t| t.partition(answer.partition).ok().cloned()),
+                };
+                partition_data(
+                    answer.partition,
+                    answer.result,
+                    asked.offset,
+                    format,
+                    log.as_deref().map(Partition::log),
+                )
+            })
+            .collect();
+        Ok(pb::FetchResponse { partitions })
+    }
 }
 
 #[tonic::async_trait]
@@ -407,57 +465,9 @@ impl Octolog for OctologService {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
-        let r = request.into_inner();
-        let format = format_of(r.format)?;
-        check_distinct(r.partitions.iter().map(|p| p.partition))?;
-        let partitions: Vec<FetchPartition> = r
-            .partitions
-            .iter()
-            .map(|p| FetchPartition {
-                partition: p.partition,
-                offset: Offset(p.offset),
-                bytes_max: p.max_bytes,
-            })
-            .collect();
-        let topic = r.topic.clone();
-        let answers = self
-            .broker
-            .fetch(FetchRequest {
-                topic: r.topic,
-                partitions: partitions.clone(),
-                max_wait_ms: r.max_wait_ms,
-                min_bytes: r.min_bytes,
-                max_bytes: r.max_bytes,
-                group: r.group.map(|g| crate::group::MemberContext {
-                    group: g.group,
-                    member_id: g.member_id,
-                    epoch: g.member_epoch,
-                }),
-            })
+        self.fetch_answer(request.into_inner())
             .await
-            .map_err(status)?;
-        let partitions = answers
-            .into_iter()
-            .zip(&partitions)
-            .map(|(answer, asked)| {
-                let log = match &answer.result {
-                    Ok(_) => None,
-                    Err(_) => self
-                        .broker
-                        .topic(&topic)
-                        .ok()
-                        .and_then(|t| t.partition(answer.partition).ok().cloned()),
-                };
-                partition_data(
-                    answer.partition,
-                    answer.result,
-                    asked.offset,
-                    format,
-                    log.as_deref().map(Partition::log),
-                )
-            })
-            .collect();
-        Ok(Response::new(pb::FetchResponse { partitions }))
+            .map(Response::new)
     }
 
     async fn list_offsets(
