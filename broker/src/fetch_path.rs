@@ -41,6 +41,9 @@ const PREFIX_BYTES: usize = 5;
 const PARTITIONS_KEY: u8 = (1 << 3) | 2;
 /// Protobuf key of `PartitionData.batches`: field 4, length-delimited.
 const BATCHES_KEY: u8 = (4 << 3) | 2;
+/// A partition's other fields this large go out as a chunk of their own rather than copied
+/// into the bytes between batches; h2 copies chunks smaller than 256 bytes into its own buffer.
+const OWN_CHUNK_BYTES_MIN: usize = 256;
 
 /// Wraps the tonic service of `octolog.v1.Octolog`, answering `Fetch` itself.
 #[derive(Debug, Clone)]
@@ -105,7 +108,18 @@ where
             .await;
             Ok(match answered {
                 Ok(chunks) => response(chunks),
-                Err(status) => status.into_http(),
+                Err(status) => {
+                    let unimplemented = status.code() == tonic::Code::Unimplemented;
+                    let mut response = status.into_http();
+                    if unimplemented {
+                        // What the broker takes instead of a compressed request (gRPC spec).
+                        response.headers_mut().insert(
+                            "grpc-accept-encoding",
+                            http::HeaderValue::from_static("identity"),
+                        );
+                    }
+                    response
+                }
             })
         })
     }
@@ -122,28 +136,42 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let too_large = || {
-        Status::resource_exhausted(format!(
-            "the request exceeds the broker's request_bytes_max ({request_bytes_max} bytes); send smaller requests"
-        ))
+    let request = {
+        // Dropped before the fetch waits: it may share a block of HTTP/2's read buffer.
+        let body = request_body(body, request_bytes_max).await?;
+        let message = request_message(&body, request_bytes_max)
+            .map_err(|e| e.unwrap_or_else(|| too_large(request_bytes_max)))?;
+        pb::FetchRequest::decode(message)
+            .map_err(|e| Status::internal(format!("cannot decode the fetch request: {e}")))?
     };
-    let body = Limited::new(body, PREFIX_BYTES + request_bytes_max)
+    let fetched = service.fetch_answer(request).await?;
+    response_chunks(fetched, response_bytes_max)
+}
+
+/// `RESOURCE_EXHAUSTED` for a request over `request_bytes_max`, as the broker's other calls.
+fn too_large(request_bytes_max: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "the request exceeds the broker's request_bytes_max ({request_bytes_max} bytes); send smaller requests"
+    ))
+}
+
+/// The whole request body, if it holds no more than one message of `request_bytes_max` bytes.
+async fn request_body<B>(body: B, request_bytes_max: usize) -> Result<Bytes, Status>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Ok(Limited::new(body, PREFIX_BYTES + request_bytes_max)
         .collect()
         .await
         .map_err(|e| {
             if e.downcast_ref::<LengthLimitError>().is_some() {
-                too_large()
+                too_large(request_bytes_max)
             } else {
                 Status::from_error(e)
             }
         })?
-        .to_bytes();
-    let message =
-        request_message(&body, request_bytes_max).map_err(|e| e.unwrap_or_else(too_large))?;
-    let request = pb::FetchRequest::decode(message)
-        .map_err(|e| Status::internal(format!("cannot decode the fetch request: {e}")))?;
-    let fetched = service.fetch_answer(request).await?;
-    response_chunks(fetched, response_bytes_max)
+        .to_bytes())
 }
 
 /// The one message of a unary request body. `Err(None)` if it is larger than
@@ -192,9 +220,10 @@ fn response_chunks(
     fetched: pb::FetchResponse,
     response_bytes_max: usize,
 ) -> Result<Vec<Bytes>, Status> {
+    // Destructured, so that a field added to the message cannot be left out here unnoticed.
+    let pb::FetchResponse { partitions } = fetched;
     // Each partition's other fields, encoded as prost would, and its batches.
-    let partitions: Vec<(Vec<u8>, Bytes)> = fetched
-        .partitions
+    let partitions: Vec<(Vec<u8>, Bytes)> = partitions
         .into_iter()
         .map(|mut partition| {
             let batches = std::mem::take(&mut partition.batches);
@@ -231,7 +260,13 @@ fn response_chunks(
     for (head, batches) in partitions {
         between.push(PARTITIONS_KEY);
         encode_varint(partition_len(&head, &batches) as u64, &mut between);
-        between.extend_from_slice(&head);
+        if head.len() < OWN_CHUNK_BYTES_MIN {
+            between.extend_from_slice(&head);
+        } else {
+            // Decoded records (`RECORD_FORMAT_RECORDS`): not copied a second time.
+            chunks.push(Bytes::from(std::mem::take(&mut between)));
+            chunks.push(Bytes::from(head));
+        }
         if !batches.is_empty() {
             between.push(BATCHES_KEY);
             encode_varint(batches.len() as u64, &mut between);
@@ -317,6 +352,46 @@ mod tests {
         };
         let status = response_chunks(answer, 50).unwrap_err();
         assert_eq!(status.code(), tonic::Code::OutOfRange);
+    }
+
+    /// A request body over the limit is refused with `RESOURCE_EXHAUSTED`; one at the limit is
+    /// read.
+    #[tokio::test]
+    async fn a_request_body_over_the_limit_is_resource_exhausted() {
+        let body = |len: usize| http_body_util::Full::new(Bytes::from(vec![0u8; len]));
+        let at_limit = request_body(body(PREFIX_BYTES + 100), 100).await.unwrap();
+        assert_eq!(at_limit.len(), PREFIX_BYTES + 100);
+        let over = request_body(body(PREFIX_BYTES + 101), 100)
+            .await
+            .unwrap_err();
+        assert_eq!(over.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            over.message().contains("request_bytes_max (100 bytes)"),
+            "{over:?}"
+        );
+    }
+
+    /// Decoded records (large partition heads) travel as chunks of their own and still decode.
+    #[test]
+    fn large_partition_heads_are_chunks_of_their_own() {
+        let mut records = partition(5, b"", "");
+        records.records = (0..20)
+            .map(|i| pb::Record {
+                offset: i,
+                value: Some(Bytes::from(vec![i as u8; 100])),
+                ..Default::default()
+            })
+            .collect();
+        let answer = pb::FetchResponse {
+            partitions: vec![records, partition(6, b"batches", "")],
+        };
+        let chunks = response_chunks(answer.clone(), 16 << 20).unwrap();
+        assert!(chunks.len() >= 3, "{}", chunks.len());
+        let joined = chunks.concat();
+        assert_eq!(
+            pb::FetchResponse::decode(&joined[PREFIX_BYTES..]).unwrap(),
+            answer
+        );
     }
 
     #[test]
